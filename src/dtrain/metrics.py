@@ -1,0 +1,119 @@
+"""What a user watches: rank-0 progress, metrics.jsonl, TensorBoard scalars, per-process peak memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from dtrain.dist import DistEnv
+
+
+class MemoryTracker:
+    """Peak resident memory of this process (sampled with psutil) and peak CUDA memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.process = psutil.Process()
+        self.peak_rss = 0
+
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+
+    def report(self) -> dict[str, float]:
+        self.sample()
+        out = {"peak_rss_mb": self.peak_rss / 2**20}
+        if self.device.type == "cuda":
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+
+class RunLogger:
+    """Rank 0 writes metrics.jsonl and TensorBoard and prints; other ranks only track their memory."""
+
+    def __init__(self, output_dir: str, env: DistEnv, progress: bool):
+        self.env = env
+        self.memory = MemoryTracker(env.device)
+        self.bar = None
+        self.use_bar = progress and sys.stderr.isatty()
+        self.jsonl = None
+        self.tb = None
+        if env.is_main:
+            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", buffering=1)
+            from torch.utils.tensorboard import SummaryWriter  # import only where it is used
+
+            self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
+
+    def start_epoch(self, epoch: int, total_steps: int, done_steps: int) -> None:
+        if self.env.is_main and self.use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=done_steps, desc=f"epoch {epoch}", dynamic_ncols=True)
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def record(self, record: dict[str, Any], step: int) -> None:
+        """One metrics.jsonl line + TensorBoard scalars + a console line (rank 0)."""
+        self.memory.sample()
+        if not self.env.is_main:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        kind = record["kind"]
+        for key, value in record.items():
+            if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+        self.print(_format(record))
+
+    def print(self, line: str) -> None:
+        if not self.env.is_main:
+            return
+        if self.bar is not None and not line.startswith("eval"):
+            self.bar.set_postfix_str(line.split(" ", 3)[-1], refresh=True)
+        elif self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _format(record: dict[str, Any]) -> str:
+    parts = [record["kind"]]
+    for key, value in record.items():
+        if key == "kind" or isinstance(value, dict):
+            continue
+        if isinstance(value, list):
+            parts.append(f"{key} {'/'.join(f'{v:g}' for v in value)}")
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " ".join(parts)
+
+
+class Throughput:
+    """Global samples per second between two log points."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.samples = 0
+
+    def rate(self) -> float:
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)

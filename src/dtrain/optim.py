@@ -1,0 +1,50 @@
+"""Optimizer with decay/no-decay parameter groups, and a per-step LR schedule (warmup, then decay)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dtrain.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    is_no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> torch.optim.Optimizer:
+    """Biases and norm weights (1-d tensors) get no weight decay unless cfg.decay_norm_and_bias."""
+    is_no_decay = is_no_decay or (lambda name, p: p.ndim <= 1)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if is_no_decay(name, p) and not cfg.decay_norm_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** (step // max(1, cfg.step_epochs * steps_per_epoch))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # A closure (not a callable object): LambdaLR then stores only counters in its state_dict,
+    # which keeps checkpoints loadable with weights_only=True.
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg, total_steps, steps_per_epoch)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

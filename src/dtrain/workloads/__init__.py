@@ -1,0 +1,43 @@
+"""Workloads give the shared loop the same small surface: a model, two datasets, and three functions.
+
+The loop never looks inside a batch: it moves it to the device, asks ``train_loss`` for a scalar
+loss, asks ``eval_sums`` for per-batch sums (reduced across ranks by the loop), and turns the
+reduced sums into metrics with ``summarize``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Task:
+    model: nn.Module  # plain (unwrapped) model, on the CPU, seeded identically on every rank
+    train_set: Dataset
+    val_set: Dataset
+    # batch (already on the device) -> mean loss over the batch
+    train_loss: Callable[[nn.Module, Any], torch.Tensor]
+    # batch -> dict of sums over the batch (scalar tensors); must include "samples"
+    eval_sums: Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+    # globally reduced sums (as floats; a key may be absent when no rank saw a batch)
+    # -> metrics; must include "loss", "accuracy" and "samples"
+    summarize: Callable[[dict[str, float]], dict[str, float]]
+    collate_fn: Callable | None = None
+    # what a checkpoint must agree with to be loaded into this model (e.g. arch, num_classes)
+    identity: dict[str, Any] = field(default_factory=dict)
+    # called once at the end with the trained plain model (e.g. save_pretrained); rank 0 only
+    export: Callable[[nn.Module, str], None] | None = None
+    # model-specific parameter grouping hook for the optimizer; None = decay on >=2-d tensors only
+    is_no_decay: Callable[[str, nn.Parameter], bool] | None = None
+
+
+def build_task(cfg, env) -> Task:
+    from dtrain.workloads import bert, image  # bert imports transformers lazily inside
+
+    builders = {"image": image.build, "bert": bert.build}
+    return builders[cfg.workload](cfg, env)

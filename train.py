@@ -1,0 +1,67 @@
+"""Train an image classifier or a BERT text classifier: on one device, with DataParallel, or with DDP.
+
+    python train.py --config configs/image/mnist_demo.yaml [key=value ...]       # one process
+    python train.py --config configs/image/mnist_demo.yaml mode=dp               # all local GPUs, one process
+    torchrun --standalone --nproc_per_node=2 train.py --config configs/image/mnist_demo.yaml   # DDP
+    srun python train.py --config ...                                            # DDP under SLURM
+
+Only the launch command changes; dtrain.dist reads it from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Nothing is ever fetched from a model hub at run time: models and data come from local paths.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
+from dtrain.errors import UserError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train with one config on CPU, DataParallel, DDP (torchrun) or SLURM (srun).",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML preset, e.g. configs/image/mnist_demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from dtrain import dist  # torch is imported only once the command line is known to be good
+        from dtrain.loop import run
+
+        env = dist.setup(cfg)
+        metrics = run(cfg, env)
+        if env.is_main:
+            print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}; outputs in {cfg.output_dir}")
+        return 0
+    except UserError as e:
+        report(e, env)
+        return e.exit_code
+    finally:
+        if env is not None:
+            dist.cleanup(env)
+
+
+def report(error: UserError, env) -> None:
+    """One line per job: rank 0 reports errors every rank shares; a rank alone in its error names itself."""
+    rank = env.rank if env is not None else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if error.all_ranks and rank != 0:
+        return
+    where = "" if error.all_ranks else f" [rank {rank}]"
+    print(f"error{where}: {error}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
