@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
-from dtrain.errors import UserError  # noqa: E402
+from dtrain.errors import StopTraining, UserError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as e:
         report(e, env)
+        return e.exit_code
+    except StopTraining as e:  # a stop signal: the checkpoint is saved, resume=auto continues
         return e.exit_code
     finally:
         if env is not None:

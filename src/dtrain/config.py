@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,9 @@ class Config:
     progress: bool = opt(True, "rank-0 progress bar when stderr is a terminal (plain lines otherwise)")
     timeout_s: float = opt(600.0, "collective/rendezvous timeout in seconds: a dead peer fails the job after this")
     nonfinite_loss: Literal["stop", "skip"] = opt("stop", "non-finite loss: stop with an error, or skip the step")
+    stop_signals: list[str] = opt(["SIGTERM", "SIGUSR1"],
+                                  "signals that make all ranks stop at the same step, save, and exit with code 3")
+    requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     model: Any = field(default_factory=ImageModelConfig)
@@ -301,6 +305,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'timeout_s' must be > 0, got {cfg.timeout_s}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    for name in cfg.stop_signals:
+        if not isinstance(getattr(signal, name, None), signal.Signals):
+            raise ConfigError(f"config key 'stop_signals': {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     if cfg.eval_only and not cfg.resume:
         raise ConfigError("eval_only=true needs a checkpoint: add resume=auto or resume=PATH")
 

@@ -1,12 +1,15 @@
 """Samplers and loaders shared by every workload and every mode.
 
 Training always uses a DistributedSampler (world size 1 outside DDP), so one process at batch B
-and N processes at batch B/N see the same samples in the same steps. Evaluation shards the
-validation set without padding, so every sample is counted exactly once.
+and N processes at batch B/N see the same samples in the same steps. Each training sample is
+drawn under its own seed (epoch, index), so random augmentation does not depend on the rank,
+the number of workers or where a run was resumed. Evaluation shards the validation set without
+padding, so every sample is counted exactly once.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Iterator
 
 import torch
@@ -20,7 +23,8 @@ class ResumableSampler(DistributedSampler):
     """DistributedSampler that can begin an epoch part-way through (mid-epoch resume).
 
     The permutation depends only on (seed, epoch), as in DistributedSampler; `skip` drops the
-    first samples of this rank's share for the current epoch.
+    first samples of this rank's share for the current epoch. It yields (epoch, index) keys for
+    EpochSeeded.
     """
 
     def __init__(self, dataset: Dataset, env: DistEnv, seed: int):
@@ -31,12 +35,34 @@ class ResumableSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.skip = skip
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.skip:])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, i) for i in indices])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class EpochSeeded(Dataset):
+    """Item (epoch, i) is dataset[i] computed under a seed of its own, then the RNGs are put back."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
 
 
 class ShardSampler(Sampler[int]):
@@ -62,11 +88,9 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    sampler = ResumableSampler(train_set, env, seed=cfg.seed)
-    # Worker seeds come from this generator; seeded per rank so augmentations differ across ranks.
-    generator = torch.Generator().manual_seed(cfg.seed + 7919 * env.rank)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              generator=generator, **common)
+    seeded = EpochSeeded(train_set, cfg.seed)
+    sampler = ResumableSampler(seeded, env, seed=cfg.seed)
+    train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
                             sampler=ShardSampler(len(val_set), env), drop_last=False, **common)
     return train_loader, sampler, val_loader

@@ -17,3 +17,9 @@ class ConfigError(UserError):
     """Unknown config key, wrong type or bad value. Exit code 2, like argparse."""
 
     exit_code = 2
+
+
+class StopTraining(Exception):
+    """A stop signal was honoured: every rank saved at the same step. Exit code 3; resume=auto continues."""
+
+    exit_code = 3

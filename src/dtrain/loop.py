@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
 from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, no_sync, unwrap, wrap
-from dtrain.errors import UserError
+from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.workloads import Task, build_task
 
 
@@ -40,18 +42,23 @@ class Trainer:
     steps_per_epoch: int
     state: TrainState
     logger: RunLogger
+    stop: StopRequest
 
 
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
     """Train (or only evaluate) as configured; returns the last evaluation metrics."""
     prepare_output_dir(cfg, env)
-    trainer = prepare(cfg, env)
+    stop = StopRequest(cfg.stop_signals, env)  # early, so a signal during set-up is not lost
     try:
-        if cfg.eval_only:
-            return evaluate_and_log(trainer)
-        return fit(trainer)
+        trainer = prepare(cfg, env, stop)
+        try:
+            if cfg.eval_only:
+                return evaluate_and_log(trainer)
+            return fit(trainer)
+        finally:
+            trainer.logger.close()
     finally:
-        trainer.logger.close()
+        stop.restore()
 
 
 def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
@@ -68,7 +75,7 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
         save_config(cfg, out / "config.yaml")
 
 
-def prepare(cfg: Config, env: DistEnv) -> Trainer:
+def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     # Same seed on every rank for model construction: all ranks start from identical weights.
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
@@ -98,7 +105,7 @@ def prepare(cfg: Config, env: DistEnv) -> Trainer:
     model = wrap(raw_for_wrap, env, cfg.ddp)
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
     return Trainer(cfg, env, task, model, raw_model, optimizer, scheduler, scaler, train_loader, sampler,
-                   val_loader, steps_per_epoch, state, logger)
+                   val_loader, steps_per_epoch, state, logger, stop)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -124,6 +131,8 @@ def fit(t: Trainer) -> dict[str, float]:
             metrics = evaluate_and_log(t)
         save(t, metrics.get("accuracy"))
         log_memory(t)
+        if t.stop.agreed():
+            stop_after_save(t)
     if not metrics:  # resumed a finished run: report where it stands
         metrics = evaluate_and_log(t)
     if t.env.is_main and t.task.export is not None:
@@ -169,12 +178,24 @@ def train_one_epoch(t: Trainer) -> None:
             log_train(t, loss_sum, speed)
         if reached_max_steps(t):
             break
+        if t.stop.agreed():
+            save(t, None)
+            stop_after_save(t)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             save(t, None)
     else:  # the epoch ran to its end
         state.epoch += 1
         state.samples_in_epoch = 0
     t.logger.end_epoch()
+
+
+def stop_after_save(t: Trainer) -> None:
+    """Every rank got here at the same step, after the checkpoint was written."""
+    if t.env.is_main:
+        t.logger.print(f"stopped at step {t.state.step}: checkpoint saved in {ckpt.checkpoint_dir(t.cfg.output_dir)}")
+        if t.cfg.requeue and "SLURM_JOB_ID" in os.environ:
+            t.logger.print(requeue_slurm_job())
+    raise StopTraining()
 
 
 def optimizer_step(t: Trainer) -> bool:
