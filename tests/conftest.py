@@ -1,0 +1,83 @@
+"""Shared helpers: tiny image data on disk, and running train.py as a user would (python / torchrun)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
+
+# A small model without BatchNorm or dropout (squeezenet1_1, dropout=0) on 32x32 images: fast on
+# 2 cores, and DDP-vs-one-process parity holds exactly up to float rounding.
+FAST = ["workload=image", "model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32",
+        "data.val_crop_ratio=1.0", "num_workers=0", "batch_size=4", "log_every=1", "progress=false",
+        "optim.lr=0.01", "optim.warmup_steps=0", "timeout_s=60"]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_train(args: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` in a subprocess, as in single-process debugging."""
+    return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(**env))
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 240, script: str = TRAIN,
+                 launcher_args: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N train.py ARGS`: the real launcher, with a timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *launcher_args, script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(**env))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def assert_one_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Non-zero exit, exactly one 'error...' line containing every needle, and no traceback from our code."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "dtrain/" not in proc.stderr and 'train.py", line' not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int = 20) -> Path:
+    """ImageFolder tree: counts[split][class] images, colour tied to the class so it is learnable."""
+    from PIL import Image
+
+    for split, per_class in counts.items():
+        for ci, (cls, n) in enumerate(per_class.items()):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                colour = ((80 * ci + 7 * i) % 256, (40 + 60 * ci) % 256, (200 - 50 * ci + i) % 256)
+                Image.new("RGB", (size, size), colour).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> Path:
+    """3 classes; 8 training images each; 7 validation images (odd: does not divide by 2 ranks)."""
+    return write_image_folder(tmp_path_factory.mktemp("tiny_images"),
+                              {"train": {"a": 8, "b": 8, "c": 8}, "val": {"a": 3, "b": 2, "c": 2}})
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

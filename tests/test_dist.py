@@ -1,0 +1,120 @@
+"""The CPU / DataParallel / DDP switch: launcher detection, mode resolution, wrap/unwrap."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import pytest
+from torch import nn
+
+from dtrain import dist as dtrain_dist
+from dtrain.config import load_config
+from dtrain.dist import DistEnv, first_host, read_launch, setup, slurm_port, threads_per_process, unwrap, wrap
+from dtrain.errors import UserError
+
+TORCHRUN_ENV = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+                "MASTER_ADDR": "head", "MASTER_PORT": "29555"}
+SRUN_ENV = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[03-06]",
+            "SLURM_JOB_NUM_NODES": "4", "SLURM_TASKS_PER_NODE": "2(x4)"}
+
+
+def test_torchrun_variables_are_read():
+    launch = read_launch(TORCHRUN_ENV)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.node_rank) == \
+        (3, 4, 1, 2, 1)
+    assert (launch.master_addr, launch.master_port, launch.source) == ("head", 29555, "torchrun")
+
+
+def test_srun_variables_are_mapped(monkeypatch):
+    monkeypatch.setattr(dtrain_dist.shutil, "which", lambda name: None)  # parse the node list ourselves
+    launch = read_launch(SRUN_ENV)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.node_rank) == \
+        (5, 8, 1, 2, 1)
+    assert launch.master_addr == "gpu03"
+    assert launch.master_port == slurm_port("4242") and launch.source == "slurm"
+
+
+def test_torchrun_inside_slurm_wins():
+    assert read_launch({**SRUN_ENV, **TORCHRUN_ENV}).source == "torchrun"
+
+
+def test_batch_script_without_srun_is_not_distributed():
+    no_step = {k: v for k, v in SRUN_ENV.items() if k != "SLURM_STEP_ID"}
+    assert read_launch(no_step) is None
+    assert read_launch({**SRUN_ENV, "SLURM_NTASKS": "1"}) is None
+    assert read_launch({}) is None
+
+
+def test_partial_slurm_environment_is_a_clear_error():
+    partial = {k: v for k, v in SRUN_ENV.items() if k not in ("SLURM_LOCALID", "SLURM_JOB_NODELIST")}
+    with pytest.raises(UserError, match="SLURM_LOCALID.*SLURM_JOB_NODELIST"):
+        read_launch(partial)
+    with pytest.raises(UserError, match="RANK='x' is not an integer"):
+        read_launch({**TORCHRUN_ENV, "RANK": "x"})
+
+
+@pytest.mark.parametrize("nodelist, head", [("node7", "node7"), ("gpu[03-06]", "gpu03"), ("a[1,4-5],b2", "a1"),
+                                            ("cn-[010-012]", "cn-010")])
+def test_first_host_of_a_node_list(monkeypatch, nodelist, head):
+    monkeypatch.setattr(dtrain_dist.shutil, "which", lambda name: None)
+    assert first_host(nodelist) == head
+
+
+def test_ports_differ_between_jobs():
+    assert slurm_port("1001") != slurm_port("1002")
+    assert 1024 < slurm_port("99999999") < 65536
+
+
+def test_threads_share_the_cores():
+    assert threads_per_process(3, 2) == 3
+    cores = threads_per_process(0, 1)
+    assert cores >= 1 and threads_per_process(0, cores * 4) == 1
+
+
+def test_single_process_modes(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = setup(load_config(None, ["mode=auto"]), environ={})
+    assert (env.mode, env.device.type, env.world_size, env.is_main) == ("single", "cpu", 1, True)
+    env = setup(load_config(None, ["mode=dp"]), environ={})
+    assert env.mode == "single"
+    assert capsys.readouterr().out.count("fewer than 2 GPUs visible") == 1
+
+
+def test_impossible_modes_are_clear_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="mode=ddp needs a launcher"):
+        setup(load_config(None, ["mode=ddp"]), environ={})
+    with pytest.raises(UserError, match="mode=dp is one process"):
+        setup(load_config(None, ["mode=dp"]), environ=TORCHRUN_ENV)
+    with pytest.raises(UserError, match="backend=nccl needs CUDA"):
+        setup(load_config(None, ["backend=nccl"]), environ=TORCHRUN_ENV)
+
+
+def test_unreachable_rendezvous_fails_within_the_timeout(monkeypatch):
+    import time
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}  # nobody there
+    start = time.monotonic()
+    with pytest.raises(UserError, match="could not join the process group at 127.0.0.1:9"):
+        setup(load_config(None, ["timeout_s=3"]), environ=environ)
+    assert time.monotonic() - start < 60
+
+
+def test_wrap_and_unwrap_single_and_ddp(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    single = DistEnv(mode="single", device=torch.device("cpu"))
+    cfg = load_config(None, [])
+    assert wrap(model, single, cfg.ddp) is model and unwrap(model) is model
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        env = DistEnv(mode="ddp", device=torch.device("cpu"), backend="gloo")
+        wrapped = wrap(model, env, cfg.ddp)
+        assert isinstance(wrapped, nn.parallel.DistributedDataParallel)
+        assert unwrap(wrapped) is model
+        assert set(unwrap(wrapped).state_dict()) == set(model.state_dict())  # no "module." prefix
+        assert all(k.startswith("module.") for k in wrapped.state_dict())
+        assert unwrap(nn.DataParallel(model)) is model
+    finally:
+        dist.destroy_process_group()
