@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except StopTraining as e:  # a stop signal: the checkpoint is saved, resume=auto continues
         return e.exit_code
+    except Exception as e:
+        if env is None or not env.distributed or not dist.is_peer_failure(e):
+            raise  # a bug: the traceback is the useful report
+        # Another rank failed first and says why; this one only notes that it lost its peers.
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
+        return 1
     finally:
         if env is not None:
             dist.cleanup(env)

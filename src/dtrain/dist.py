@@ -214,6 +214,18 @@ def threads_per_process(requested: int, local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
+PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                      "timeout", "communicator was aborted", "socket closed")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another rank died or hung (its own error is reported by that rank)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(sign in text for sign in PEER_FAILURE_SIGNS)
+
+
 def cleanup(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -110,7 +110,9 @@ def build_model(model_cfg: ImageModelConfig, num_classes: int) -> nn.Module:
     try:
         model = torchvision.models.get_model(model_cfg.arch, **kwargs)
     except TypeError as e:
-        raise UserError(f"model.arch={model_cfg.arch} does not take these options: {e}") from None
+        if "dropout" in str(e):
+            raise UserError(f"model.arch={model_cfg.arch} has no dropout setting; set model.dropout=-1") from None
+        raise UserError(f"model.arch={model_cfg.arch} cannot be built: {e}") from None
     if model_cfg.weights:
         load_local_weights(model, model_cfg.weights)
     return model
@@ -197,7 +199,8 @@ class SafeImageFolder(ImageFolder):
         try:
             image = self.transform(default_loader(path))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return None, (path, f"{type(e).__name__}: {e}")
+            reason = type(e).__name__ if path in str(e) else f"{type(e).__name__}: {e}"
+            return None, (path, reason)
         return image, target
 
 

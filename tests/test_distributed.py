@@ -1,0 +1,124 @@
+"""Real multi-process runs under torchrun (Gloo on CPU): the distributed-correctness checklist."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import (FAST, ROOT, TRAIN, assert_one_clear_error, read_metrics, run_torchrun, run_train,
+                      subprocess_env, write_image_folder)
+
+RECORD_SAVES = str(Path(__file__).with_name("record_saves.py"))
+
+
+def test_two_ranks_train_evaluate_exactly_and_only_rank0_writes(tiny_images, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "saves.log"
+    proc = run_torchrun([*FAST, f"data.root={tiny_images}", f"output_dir={out}", "epochs=2", "batch_size=2"],
+                        script=RECORD_SAVES, SAVE_LOG=str(log))
+    assert proc.returncode == 0, proc.stderr
+    saves = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert saves and {rank for rank, _ in saves} == {"0"}, saves  # rank 1 never called torch.save
+    assert {Path(p).name for _, p in saves} == {"step_00000006.pt.tmp", "step_00000012.pt.tmp"}
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert [e["samples"] for e in evals] == [7, 7]  # 7 validation images, 2 ranks: none padded, none lost
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["state"]["world_size"] == 2 and last["state"]["step"] == 12
+    assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])  # per-rank seeds
+    assert "Traceback" not in proc.stderr and "destroy_process_group" not in proc.stderr
+
+
+def test_two_ranks_at_half_batch_match_one_process(tmp_path):
+    """DDP averages gradients over ranks, so 2 x B/2 must equal 1 x B (up to float summation order)."""
+    common = [*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "data.synthetic_val_size=8",
+              "max_steps=4", "optim.weight_decay=0"]
+    one = run_train([*common, "batch_size=8", f"output_dir={tmp_path / 'one'}"])
+    two = run_torchrun([*common, "batch_size=4", f"output_dir={tmp_path / 'two'}"])
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    w1 = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)["model"]
+    torch.manual_seed(0)
+    from torchvision.models import get_model
+
+    init = get_model("squeezenet1_1", weights=None, num_classes=10, dropout=0.0).state_dict()
+    moved = max((w1[k] - init[k]).abs().max().item() for k in w1)
+    gap = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert moved > 1e-4, "training did not change the weights: the comparison would be vacuous"
+    assert gap < 1e-5, f"1-process and 2-rank weights differ by {gap} (tolerance 1e-5; they moved by {moved})"
+
+
+def test_checkpoints_move_between_modes(tiny_images, tmp_path):
+    """single process -> 2-rank DDP -> mode=dp (one device here): each resumes the previous one's last.pt."""
+    out = tmp_path / "run"
+    args = [*FAST, f"data.root={tiny_images}", f"output_dir={out}", "resume=auto", "batch_size=2"]
+    assert run_train([*args, "epochs=1"]).returncode == 0
+    ddp = run_torchrun([*args, "epochs=2"])
+    assert ddp.returncode == 0, ddp.stderr
+    assert "resumed from" in ddp.stdout and "epoch 1, step 12" in ddp.stdout
+    dp = run_train([*args, "epochs=3", "mode=dp"])
+    assert dp.returncode == 0, dp.stderr
+    assert "epoch 2, step 18" in dp.stdout and dp.stdout.count("fewer than 2 GPUs visible") == 1
+    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert steps == list(range(1, 13)) + list(range(13, 19)) + list(range(19, 31))
+
+
+def test_config_error_under_torchrun_is_printed_once(tmp_path):
+    proc = run_torchrun([*FAST, "data.synthetic=true", f"output_dir={tmp_path}", "optim.lrr=0.1"], timeout=120)
+    assert_one_clear_error(proc, "unknown config key 'optim.lrr'")
+
+
+def test_error_on_one_rank_ends_the_job_and_names_the_rank(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}})
+    (root / "train" / "a" / "001.png").write_bytes(b"\x89PNG broken")
+    start = time.monotonic()
+    proc = run_torchrun([*FAST, f"data.root={root}", f"output_dir={tmp_path / 'out'}", "epochs=3", "batch_size=1"],
+                        timeout=180)
+    line = assert_one_clear_error(proc, "train/a/001.png")
+    assert "[rank " in line
+    assert time.monotonic() - start < 120
+
+
+def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, "data.synthetic=true", "data.synthetic_train_size=4096", f"output_dir={out}", "keep_last=5",
+            "resume=auto", "batch_size=2", "log_every=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        worker = _wait_for_training(launcher, out / "metrics.jsonl")
+        worker.send_signal(signal.SIGTERM)  # one rank only: the other must learn of it at the same step
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert "received SIGTERM (rank" in stdout and "stopped at step" in stdout, stdout + stderr
+    stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
+    assert stderr.count("exitcode  : 3") == 2  # both workers exited with the documented code
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", f"step_{stopped:08d}.pt"}
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["state"]["step"] == stopped and len(last["rng"]) == 2
+    again = run_torchrun([*args, f"max_steps={stopped + 2}"])
+    assert again.returncode == 0, again.stderr
+    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert steps[-3:] == [stopped, stopped + 1, stopped + 2] and len(steps) == len(set(steps))
+
+
+def _wait_for_training(launcher: subprocess.Popen, metrics: Path, timeout: float = 120) -> psutil.Process:
+    """The worker with local rank 1, once a few optimizer steps are logged (polls; no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()
+        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3:
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                if child.environ().get("LOCAL_RANK") == "1":
+                    return child
+        time.sleep(0.2)
+    pytest.fail("training did not start in time")
