@@ -1,0 +1,114 @@
+"""The slurm/ scripts, submitted with sbatch to a real (throwaway) Slurm cluster.
+
+The cluster has two compute nodes, n1 and n2, each a network-namespace host with its own slurmd
+(tests/cluster_netns.py, tests/cluster_slurm.py), so a 2-node job really crosses two network stacks.
+Runs are tiny (a few steps of a small model on the MNIST demo data) so the module takes minutes.
+Skips when Slurm cannot be started here (not root, slurm-wlm/munge missing); with
+DTRAIN_REQUIRE_CLUSTER=1 (set by .ci/run) those skips become failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cluster_netns
+import cluster_slurm
+from cluster_netns import NetnsHosts, SessionLock
+from cluster_slurm import SlurmCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/image/mnist_demo.yaml"
+# A few steps of a small model: fast on 2 cores. Every run logs each step (the preemption test
+# watches metrics.jsonl) and fails a collective after 60 s instead of the default 600.
+TINY = ["model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32", "data.val_crop_ratio=1.0",
+        "batch_size=8", "num_workers=0", "log_every=1", "progress=false", "timeout_s=60"]
+JOB_TIMEOUT = 300  # seconds for one tiny job, start to finish, on a busy 2-core machine
+
+
+def skip_reason() -> str | None:
+    return cluster_netns.unavailable_reason() or cluster_slurm.unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = skip_reason()
+    if reason:
+        if os.environ.get("DTRAIN_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"DTRAIN_REQUIRE_CLUSTER=1 but: {reason}")
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("slurm_hosts")
+    controller = socket.gethostname().split(".")[0]
+    with SessionLock(), NetnsHosts(2, workdir, controller_name=controller) as hosts, SlurmCluster(hosts) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory) -> Path:
+    """The demo data (5,000 real MNIST digits as ImageFolder PNGs), written once for the module."""
+    root = tmp_path_factory.mktemp("mnist")
+    subprocess.run([sys.executable, "-m", "dtrain.demo_data", "mnist", str(root)], check=True, timeout=120,
+                   capture_output=True)
+    return root
+
+
+def submit(cluster: SlurmCluster, script: str, sbatch_options: list[str], train_args: list[str],
+           out: Path, **env: str) -> str:
+    """sbatch from the repository root, as a user would; the #SBATCH lines are overridden for this cluster."""
+    out.mkdir(parents=True, exist_ok=True)
+    return cluster.sbatch("--partition=debug", "--time=15", f"--output={out}/%x-%j.out", *sbatch_options,
+                          script, "--config", CONFIG, *train_args, cwd=ROOT,
+                          env={"PYTHONUNBUFFERED": "1", **env})
+
+
+def job_output(info: dict[str, str]) -> str:
+    path = Path(info["StdOut"])
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def load_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    return ckpt["state"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# Both script styles, on one node with two ranks and on two nodes (n1, n2) with one rank each.
+# The torchrun style reads NPROC_PER_NODE (workers per node) from the environment sbatch passes on.
+LAYOUTS = {
+    "srun-1node": ("slurm/srun_cpu.sbatch", ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"], {}),
+    "torchrun-1node": ("slurm/torchrun_cpu.sbatch", ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2"],
+                       {"NPROC_PER_NODE": "2"}),
+    "srun-2nodes": ("slurm/srun_cpu.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"], {}),
+    "torchrun-2nodes": ("slurm/torchrun_cpu.sbatch", ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2"],
+                        {"NPROC_PER_NODE": "1"}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sbatch_script_trains_on_demo_data(cluster, mnist, tmp_path, layout):
+    script, options, env = LAYOUTS[layout]
+    run_dir = tmp_path / "run"
+    job = submit(cluster, script, options, [f"data.root={mnist}", f"output_dir={run_dir}", "max_steps=4"],
+                 tmp_path, **env)
+    info = cluster.wait_job(job, JOB_TIMEOUT)
+    report = cluster.job_report(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), report
+    assert info["NodeList"] == ("n[1-2]" if "2nodes" in layout else info["BatchHost"]), report
+    assert re.search(r"^done: .*accuracy", job_output(info), re.M), report
+    state = load_state(run_dir)
+    assert (state["step"], state["world_size"]) == (4, 2), state
+    evals = [m for m in read_metrics(run_dir) if m["kind"] == "eval"]
+    assert evals and evals[-1]["samples"] == 1000, evals  # every validation image counted once
