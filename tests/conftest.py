@@ -81,3 +81,46 @@ def read_metrics(output_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(cmd_args: list[str], script: str = TRAIN, nproc: int = 0,
+          launcher_args: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+    """Start `python SCRIPT ARGS` (nproc=0) or `torchrun ... SCRIPT ARGS` in the background."""
+    launcher = [] if nproc == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                                      *launcher_args]
+    return subprocess.Popen([sys.executable, *launcher, script, *cmd_args], cwd=ROOT, env=subprocess_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 120, what: str = "condition"):
+    """Poll `condition()` until it returns something truthy; fail if the process ends or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (code {proc.returncode}) before {what}:\n{out}\n{err}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def logged_steps(output_dir: Path) -> int:
+    """Number of train records in metrics.jsonl so far (0 if none yet)."""
+    path = output_dir / "metrics.jsonl"
+    return path.read_text().count('"kind": "train"') if path.exists() else 0
+
+
+def worker_with_local_rank(launcher: subprocess.Popen, local_rank: int):
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("LOCAL_RANK") == str(local_rank):
+                return child
+        except psutil.Error:
+            continue
+    return None

@@ -1,27 +1,44 @@
-"""Run train.py with every torch.save call recorded as '<RANK> <target>' lines in $SAVE_LOG.
+"""Run train.py with torch.save instrumented, for tests that need to see or break checkpoint writes.
 
-Used under torchrun to check that only global rank 0 ever writes a checkpoint.
+SAVE_LOG=path        append '<RANK> <target file>' for every torch.save to a file
+HANG_ON_SAVE=N       on the N-th file save: write half of it, create '<target>.hanging', then block
+                     (the test kills the process there: a crash in the middle of a checkpoint write)
 """
 
+import io
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 _original_save = torch.save
+_file_saves = 0
 
 
-def _recording_save(obj, f, *args, **kwargs):
+def _instrumented_save(obj, f, *args, **kwargs):
+    global _file_saves
     target = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
-    if target is not None:  # a file; in-memory buffers (e.g. all_gather_object's pickling) are not writes
+    if target is None:  # in-memory buffers (e.g. all_gather_object's pickling) are not writes
+        return _original_save(obj, f, *args, **kwargs)
+    _file_saves += 1
+    if "SAVE_LOG" in os.environ:
         with open(os.environ["SAVE_LOG"], "a") as log:
             log.write(f"{os.environ.get('RANK', '-')} {target}\n")
+    if os.environ.get("HANG_ON_SAVE") == str(_file_saves):
+        buffer = io.BytesIO()
+        _original_save(obj, buffer)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
+        f.flush()
+        Path(f"{target}.hanging").touch()
+        while True:
+            time.sleep(1)
     return _original_save(obj, f, *args, **kwargs)
 
 
-torch.save = _recording_save
+torch.save = _instrumented_save
 train = Path(__file__).resolve().parents[1] / "train.py"
 sys.argv = [str(train), *sys.argv[1:]]
 runpy.run_path(str(train), run_name="__main__")

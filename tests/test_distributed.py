@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
-import pytest
 import torch
 
-from conftest import (FAST, ROOT, TRAIN, assert_one_clear_error, read_metrics, run_torchrun, run_train,
-                      subprocess_env, write_image_folder)
+from conftest import (FAST, assert_one_clear_error, logged_steps, read_metrics, run_torchrun, run_train, start,
+                      wait_until, worker_with_local_rank, write_image_folder)
 
-RECORD_SAVES = str(Path(__file__).with_name("record_saves.py"))
+PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
 
 
 def test_two_ranks_train_evaluate_exactly_and_only_rank0_writes(tiny_images, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "saves.log"
     proc = run_torchrun([*FAST, f"data.root={tiny_images}", f"output_dir={out}", "epochs=2", "batch_size=2"],
-                        script=RECORD_SAVES, SAVE_LOG=str(log))
+                        script=PATCHED_TRAIN, SAVE_LOG=str(log))
     assert proc.returncode == 0, proc.stderr
     saves = [line.split(" ", 1) for line in log.read_text().splitlines()]
     assert saves and {rank for rank, _ in saves} == {"0"}, saves  # rank 1 never called torch.save
@@ -90,11 +85,10 @@ def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_pat
     out = tmp_path / "run"
     args = [*FAST, "data.synthetic=true", "data.synthetic_train_size=4096", f"output_dir={out}", "keep_last=5",
             "resume=auto", "batch_size=2", "log_every=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    launcher = start(args, nproc=2)
     try:
-        worker = _wait_for_training(launcher, out / "metrics.jsonl")
+        wait_until(lambda: logged_steps(out) >= 3, launcher, what="3 logged steps")
+        worker = wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1")
         worker.send_signal(signal.SIGTERM)  # one rank only: the other must learn of it at the same step
         stdout, stderr = launcher.communicate(timeout=120)
     finally:
@@ -109,16 +103,3 @@ def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_pat
     assert again.returncode == 0, again.stderr
     steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
     assert steps[-3:] == [stopped, stopped + 1, stopped + 2] and len(steps) == len(set(steps))
-
-
-def _wait_for_training(launcher: subprocess.Popen, metrics: Path, timeout: float = 120) -> psutil.Process:
-    """The worker with local rank 1, once a few optimizer steps are logged (polls; no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert launcher.poll() is None, launcher.communicate()
-        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3:
-            for child in psutil.Process(launcher.pid).children(recursive=True):
-                if child.environ().get("LOCAL_RANK") == "1":
-                    return child
-        time.sleep(0.2)
-    pytest.fail("training did not start in time")

@@ -77,24 +77,27 @@ class ImageDataConfig:
 
 @dataclass
 class BertModelConfig:
-    name_or_path: str = opt("", "local directory with a Hugging Face BERT and its tokenizer (never downloaded)")
-    random_init: bool = opt(False, "build an untrained model from name_or_path's config.json (tests)")
-    max_length: int = opt(128, "truncate token sequences to this length")
-    problem_type: Literal["single_label", "multi_label"] = opt("single_label", "one label per example, or a list of labels")
-    dropout: float = opt(-1.0, "hidden and attention dropout (negative = the model's default)")
+    name_or_path: str = opt("", "local directory with a Hugging Face BERT (config.json, weights) and its tokenizer; never downloaded")
+    random_init: bool = opt(False, "untrained model from name_or_path's config.json (no weights file needed; tests)")
+    max_length: int = opt(128, "truncate token sequences (a sentence or a pair) to this many tokens")
+    problem_type: Literal["single_label", "multi_label"] = opt(
+        "single_label", "one label per example (cross-entropy), or a list of labels per example (BCE with logits)")
+    dropout: float = opt(-1.0, "hidden, attention and classifier dropout (negative = the model's default)")
     export_pretrained: bool = opt(True, "at the end, save_pretrained() the model and tokenizer to <output_dir>/model")
 
 
 @dataclass
 class BertDataConfig:
-    train_files: list[str] = opt([], "training files (csv, json, jsonl, parquet; .gz/.bz2 too)")
+    train_files: list[str] = opt([], "training files: csv, tsv, json, jsonl or parquet (.gz/.bz2/.xz too)")
     validation_files: list[str] = opt([], "validation files; empty = split off validation_fraction of train")
-    validation_fraction: float = opt(0.2, "held-out fraction when validation_files is empty (seeded split)")
+    validation_fraction: float = opt(0.2, "held-out fraction when validation_files is empty (split seeded by seed)")
     text_columns: list[str] = opt(["text"], "one column (a sentence) or two (a sentence pair)")
-    label_column: str = opt("label", "label column: an int, a label name, or a list of them (multi_label)")
-    labels: list[str] = opt([], "label names in id order; empty = sorted distinct values found in train")
-    drop_labels: list[str] = opt([], "drop rows whose label is one of these")
-    max_train_samples: int = opt(0, "use only the first N training rows after shuffling (0 = all)")
+    label_column: str = opt("label", "label column: an integer id or a label name; multi_label: a list of them")
+    labels: list[str] = opt([], "label names in id order; empty = sorted distinct names (or 0..max id) in train")
+    label_separator: str = opt("|", "multi_label in csv/tsv: separator of the labels inside one cell, e.g. 'a|b'")
+    drop_labels: list[str] = opt([], "drop rows whose label (multi_label: any label) is one of these")
+    max_train_samples: int = opt(0, "use only N training rows, chosen by a seeded shuffle (0 = all)")
+    cache_dir: str = opt("", "datasets cache for the parsed and tokenized files ('' = HF_DATASETS_CACHE or ~/.cache)")
 
 
 # Per-workload types of the `model` and `data` sections.
@@ -249,6 +252,11 @@ def _parse_text(text: str, typ: Any) -> Any:
         if text.startswith("["):
             return yaml.safe_load(text)
         return [] if text == "" else [item.strip() for item in text.split(",")]
+    if typ in (int, float):
+        try:
+            return typ(text)  # also takes forms YAML reads as strings, such as 1e30
+        except ValueError:
+            return text  # _coerce reports it with the key's name
     return yaml.safe_load(text) if text.strip() else text
 
 

@@ -194,9 +194,9 @@ def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
                       MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     try:
-        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout,
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout,
+                                device_id=device if backend == "nccl" else None,
+                                **_rendezvous(launch, timeout, os.environ))
     except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
         raise UserError(f"could not join the process group at {launch.master_addr}:{launch.master_port} "
                         f"as rank {launch.rank}/{launch.world_size} within {cfg.timeout_s:g}s: "
@@ -204,6 +204,23 @@ def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
     return DistEnv(mode="ddp", device=device, rank=launch.rank, local_rank=launch.local_rank,
                    world_size=launch.world_size, local_world_size=launch.local_world_size,
                    node_rank=launch.node_rank, backend=backend)
+
+
+def _rendezvous(launch: Launch, timeout: datetime.timedelta, environ: Mapping[str, str]) -> dict[str, Any]:
+    """init_process_group arguments: env:// normally; under a torchrun restart, a fresh key prefix.
+
+    torchrun shares its rendezvous TCPStore with the workers, and that store outlives a restart:
+    keys written by the previous round (a peer's address, an NCCL id) are still there and a new
+    worker may read them before they are rewritten, then dial a dead port (pytorch/pytorch#135712).
+    Prefixing the keys with the restart count gives every round a clean namespace. (Multi-node
+    elastic jobs should also export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: see launch/.)
+    """
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {"init_method": "env://"}
+    store = dist.TCPStore(launch.master_addr, launch.master_port, world_size=launch.world_size, is_master=False,
+                          timeout=timeout)
+    restart = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"dtrain/restart_{restart}/", store)}
 
 
 def threads_per_process(requested: int, local_world_size: int) -> int:

@@ -1,0 +1,111 @@
+"""Jobs die: resumed runs continue as if never stopped, checkpoints are never corrupted, nothing hangs."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+
+from conftest import (FAST, assert_one_clear_error, logged_steps, read_metrics, run_torchrun, run_train, start,
+                      wait_until, worker_with_local_rank)
+
+PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
+# Augmentation on (random crops + flips) and a DataLoader worker: exactness must not rely on either being off.
+EXACT = [*FAST, "data.augment=true", "data.min_crop_scale=0.5", "num_workers=1", "threads=1",
+         "deterministic=true", "epochs=2", "checkpoint_every=2", "keep_last=2", "resume=auto", "batch_size=2"]
+
+
+def losses_by_step(output_dir: Path) -> dict[int, float]:
+    """Loss per step; a step logged twice (re-run after a crash) keeps its last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if r["kind"] == "train"}
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(output_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert losses_by_step(a) == losses_by_step(b)  # bit-for-bit: floats compared exactly
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_images, tmp_path):
+    args = [*EXACT, f"data.root={tiny_images}"]
+    reference = tmp_path / "reference"
+    assert run_train([*args, f"output_dir={reference}"]).returncode == 0
+    out = tmp_path / "interrupted"
+    proc = start([*args, f"output_dir={out}"])
+    wait_until(lambda: logged_steps(out) >= 9, proc, what="step 9 (mid-epoch 2)")
+    proc.kill()  # SIGKILL: no chance to save; the step-8 checkpoint (mid-epoch) is what is left
+    proc.communicate()
+    resumed = run_train([*args, f"output_dir={out}"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "epoch 1" in resumed.stdout
+    assert_same_run(reference, out)
+
+
+def test_sigkill_of_one_worker_under_elastic_restart_finishes_identically(tiny_images, tmp_path):
+    args = [*EXACT, f"data.root={tiny_images}", "num_workers=0", "batch_size=1"]
+    reference = tmp_path / "reference"
+    assert run_torchrun([*args, f"output_dir={reference}"]).returncode == 0
+    out = tmp_path / "elastic"
+    launcher = start([*args, f"output_dir={out}"], nproc=2, launcher_args=("--max-restarts=1",))
+    wait_until(lambda: logged_steps(out) >= 7, launcher, what="step 7")
+    wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1").kill()
+    stdout, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, stderr
+    assert "resumed from" in stdout
+    assert_same_run(reference, out)
+
+
+def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tiny_images, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, f"data.root={tiny_images}", f"output_dir={out}", "checkpoint_every=2", "keep_last=0",
+            "resume=auto", "epochs=2"]
+    proc = start(args, script=PATCHED_TRAIN, HANG_ON_SAVE="2")
+    ckpt_dir = out / "checkpoints"
+    wait_until(lambda: list(ckpt_dir.glob("*.hanging")), proc, what="the second checkpoint write")
+    proc.kill()
+    proc.communicate()
+    assert (ckpt_dir / "last.pt.tmp").exists()  # the half-written file never replaced last.pt
+    last = torch.load(ckpt_dir / "last.pt", weights_only=True)
+    assert last["state"]["step"] == 2
+    resumed = run_train(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "epoch 0, step 2" in resumed.stdout
+    assert not (ckpt_dir / "last.pt.tmp").exists() or resumed.returncode == 0
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_or_skips(tiny_images, tmp_path):
+    args = [*FAST, f"data.root={tiny_images}", "optim.lr=1e30", "epochs=1"]
+    proc = run_train([*args, f"output_dir={tmp_path / 'stop'}"])
+    assert_one_clear_error(proc, "non-finite loss or gradient at step", "nonfinite_loss=skip")
+    proc = run_train([*args, f"output_dir={tmp_path / 'skip'}", "nonfinite_loss=skip"])
+    assert proc.returncode == 0, proc.stderr
+    assert "step skipped" in proc.stdout
+
+
+def test_second_signal_exits_at_once_even_while_saving(tmp_path):
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
+                  "stop_signals=SIGUSR1"], script=PATCHED_TRAIN, HANG_ON_SAVE="1")
+    wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
+    proc.send_signal(signal.SIGUSR1)  # first: stop at the next step and save (the save hangs half-way)
+    wait_until(lambda: list((out / "checkpoints").glob("*.hanging")), proc, what="the stop checkpoint write")
+    proc.send_signal(signal.SIGUSR1)  # second: exit now
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGUSR1  # the signal's default action, not a saved stop (3)
+    assert not (out / "checkpoints" / "last.pt").exists()  # the half-written file was never renamed
+
+
+def test_stop_signal_single_process_saves_and_exits_3(tmp_path):
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}"])
+    wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3
+    stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
