@@ -268,15 +268,16 @@ def evaluate(t: Trainer) -> dict[str, float]:
     model = t.model.module if isinstance(t.model, nn.parallel.DistributedDataParallel) else t.model
     model.eval()
     autocast = autocast_context(t.env.device, t.cfg.precision)
-    local: dict[str, float] = {}
+    local: dict[str, torch.Tensor] = {}
     for batch in t.val_loader:
         batch = to_device(batch, t.env.device)
         with autocast:
             sums = t.task.eval_sums(model, batch)
-        for key, value in sums.items():
-            local[key] = local.get(key, 0.0) + float(value)
+        for key, value in sums.items():  # accumulate on the device: no host sync per batch
+            local[key] = local.get(key, 0) + value.detach().double()
     totals: dict[str, float] = {}
-    for rank_sums in gather_objects(local, t.env):  # ranks may hold no batch at all: merge dicts
+    local_floats = {key: float(value) for key, value in local.items()}
+    for rank_sums in gather_objects(local_floats, t.env):  # ranks may hold no batch at all: merge dicts
         for key, value in rank_sums.items():
             totals[key] = totals.get(key, 0.0) + value
     return t.task.summarize(totals)
