@@ -536,8 +536,8 @@ def multi_label_sums(logits: torch.Tensor, labels: torch.Tensor, num_labels: int
 
 
 def to_sums(counts: torch.Tensor, pred_is: torch.Tensor, true_is: torch.Tensor) -> dict[str, torch.Tensor]:
-    per_label = torch.stack([(pred_is & true_is).sum(0), (pred_is & ~true_is).sum(0), (~pred_is & true_is).sum(0)])
-    counts, per_label = counts.cpu(), per_label.double().cpu()  # one device sync for the whole dict
+    per_label = torch.stack([(pred_is & true_is).sum(0), (pred_is & ~true_is).sum(0),
+                             (~pred_is & true_is).sum(0)]).double()  # (tp/fp/fn, labels), left on the device
     sums = {"samples": counts[0], "loss_sum": counts[1], "correct": counts[2]}
     for i in range(per_label.shape[1]):
         sums[f"tp_{i}"], sums[f"fp_{i}"], sums[f"fn_{i}"] = per_label[0, i], per_label[1, i], per_label[2, i]
