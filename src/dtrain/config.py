@@ -77,7 +77,8 @@ class ImageDataConfig:
 
 @dataclass
 class BertModelConfig:
-    name_or_path: str = opt("", "local directory with a Hugging Face BERT (config.json, weights) and its tokenizer; never downloaded")
+    name_or_path: str = opt("", "local directory with a Hugging Face BERT (config.json, weights) and its tokenizer "
+                                "(never downloaded)")
     random_init: bool = opt(False, "untrained model from name_or_path's config.json (no weights file needed; tests)")
     max_length: int = opt(128, "truncate token sequences (a sentence or a pair) to this many tokens")
     problem_type: Literal["single_label", "multi_label"] = opt(

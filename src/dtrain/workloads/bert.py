@@ -41,7 +41,7 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+COMPRESSIONS = (".gz", ".bz2", ".xz")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
