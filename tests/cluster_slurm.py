@@ -47,6 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# cred_expire: a requeued job may start again only after its old credentials expired (default
+# 120 s); 10 s keeps the requeue test short. sched_interval/bf_interval: schedule pending jobs
+# every second instead of every minute.
 def slurm_conf(root: Path, controller: str, hosts: list[Host], ctld_port: int, munge_socket: Path) -> str:
     nodes = "\n".join(f"NodeName={h.name} NodeAddr={h.addr} CPUs=2 RealMemory=1000 State=UNKNOWN" for h in hosts)
     return f"""\
@@ -57,7 +60,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -98,7 +99,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_sbatch_script_trains_on_demo_data(cluster, mnist, tmp_path, layout):
+def test_sbatch_script_trains_on_demo_data(mnist, cluster, tmp_path, layout):
     script, options, env = LAYOUTS[layout]
     run_dir = tmp_path / "run"
     job = submit(cluster, script, options, [f"data.root={mnist}", f"output_dir={run_dir}", "max_steps=4"],
@@ -112,3 +113,46 @@ def test_sbatch_script_trains_on_demo_data(cluster, mnist, tmp_path, layout):
     assert (state["step"], state["world_size"]) == (4, 2), state
     evals = [m for m in read_metrics(run_dir) if m["kind"] == "eval"]
     assert evals and evals[-1]["samples"] == 1000, evals  # every validation image counted once
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+# Steps long enough (resnet18, 64x64) that the signal, sent once step 2 is logged, lands mid-run.
+PREEMPT_STEPS = 20
+PREEMPT_ARGS = [*TINY, "model.arch=resnet18", "model.dropout=-1", "data.image_size=64", f"max_steps={PREEMPT_STEPS}"]
+
+
+@pytest.mark.parametrize("style", ["srun", "torchrun"])
+def test_preemption_signal_saves_requeues_and_resumes(mnist, cluster, tmp_path, style):
+    """What `#SBATCH --signal=USR1@SECONDS` does before the time limit, sent now with scancel."""
+    script, options, env = LAYOUTS[f"{style}-1node"]
+    run_dir = tmp_path / "run"
+    job = submit(cluster, script, options, [f"data.root={mnist}", f"output_dir={run_dir}", *PREEMPT_ARGS],
+                 tmp_path, **env)
+    wait_for(lambda: any(m["kind"] == "train" and m["step"] >= 2 for m in read_metrics(run_dir)),
+             JOB_TIMEOUT, "training step 2 in metrics.jsonl")
+    cluster.run("scancel", "--signal=USR1", job)
+    info = cluster.wait_job(job, JOB_TIMEOUT)
+    report = cluster.job_report(job)
+    log = job_output(info)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), report
+    stopped = re.search(r"^stopped at step (\d+)", log, re.M)
+    assert stopped and 2 <= int(stopped.group(1)) < PREEMPT_STEPS, report
+    step = int(stopped.group(1))
+    # Each rank got the signal once: from Slurm, which signals every process of the step (under
+    # torchrun too, so torchrun must not forward it: a second signal means "exit at once").
+    assert log.count("received SIGUSR1") == 2, report
+    assert f"Received {int(signal.SIGUSR1)} death signal" not in log, report  # torchrun ignored it
+    assert f"requeued Slurm job {job}" in log, report
+    assert f"resumed from {run_dir}/checkpoints/last.pt: epoch 0, step {step}" in log, report
+    assert re.search(r"^done: ", log, re.M), report
+    assert load_state(run_dir)["step"] == PREEMPT_STEPS
+    # The requeued run continued where the first stopped: no step trained twice, none skipped.
+    train_steps = [m["step"] for m in read_metrics(run_dir) if m["kind"] == "train"]
+    assert train_steps == list(range(1, PREEMPT_STEPS + 1)), train_steps
