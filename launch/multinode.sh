@@ -47,8 +47,9 @@ if [[ -z $NNODES || -z $HEAD_ADDR ]]; then
 fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$([[ -x $ROOT/.venv/bin/python ]] && echo "$ROOT/.venv/bin/python" || echo python3)}
-NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+# Fails fast, in one line, on a bad endpoint; prints whether this node hosts the rendezvous store.
 IS_HOST=$("$PYTHON" "$ROOT/launch/rendezvous_check.py" "$HEAD_ADDR" "$HEAD_PORT" "$RDZV_TIMEOUT")
+NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$HEAD_PORT" --rdzv-id="$RDZV_ID" \
     --rdzv-conf="is_host=$IS_HOST,read_timeout=$RDZV_TIMEOUT,join_timeout=$JOIN_TIMEOUT" \

@@ -156,3 +156,56 @@ def test_preemption_signal_saves_requeues_and_resumes(mnist, cluster, tmp_path, 
     # The requeued run continued where the first stopped: no step trained twice, none skipped.
     train_steps = [m["step"] for m in read_metrics(run_dir) if m["kind"] == "train"]
     assert train_steps == list(range(1, PREEMPT_STEPS + 1)), train_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear message and a non-zero exit within a bounded time.
+
+
+@pytest.mark.parametrize("script", ["slurm/srun_gpu.sbatch", "slurm/torchrun_gpu.sbatch"])
+def test_gpu_script_is_refused_on_a_cluster_without_gpus(cluster, tmp_path, script):
+    start = time.monotonic()
+    proc = cluster.run("sbatch", "--partition=debug", "--nodes=1", script, "--config", CONFIG,
+                       check=False, cwd=ROOT)
+    assert proc.returncode != 0 and time.monotonic() - start < 30, proc.stdout + proc.stderr
+    assert "Invalid generic resource (gres) specification" in proc.stderr, proc.stderr
+
+
+def test_one_failing_rank_ends_the_job_at_once(mnist, cluster, tmp_path):
+    """The rendezvous port on the head node is taken: rank 0 fails at once, and --kill-on-bad-exit
+    ends rank 1, which would otherwise wait for the store until timeout_s (10 minutes here)."""
+    port = 29555
+    head = cluster.hosts[0]
+    squatter = subprocess.Popen(head.command([sys.executable, "-c", (
+        "import socket, time; s = socket.socket(); s.bind(('', %d)); s.listen(); print('listening', flush=True); "
+        "time.sleep(600)") % port]), stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout.readline().strip() == "listening"
+        start = time.monotonic()
+        job = submit(cluster, "slurm/srun_cpu.sbatch",
+                     ["--nodes=1", f"--nodelist={head.name}", "--ntasks-per-node=2", "--cpus-per-task=1"],
+                     [f"data.root={mnist}", f"output_dir={tmp_path / 'run'}", "max_steps=4", "timeout_s=600"],
+                     tmp_path, MASTER_PORT=str(port))
+        info = cluster.wait_job(job, JOB_TIMEOUT)
+        elapsed = time.monotonic() - start
+    finally:
+        squatter.kill()
+        squatter.wait(timeout=10)
+    report = cluster.job_report(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", report
+    assert elapsed < 120, f"job took {elapsed:.0f}s to fail\n{report}"
+    log = job_output(info)
+    assert f"error [rank 0]: could not join the process group at {head.name}:{port}" in log, report
+    assert "Traceback" not in log, report
+
+
+def test_srun_step_without_slurm_variables_is_a_clear_error(cluster, tmp_path):
+    """A step whose tasks lack SLURM_PROCID/SLURM_LOCALID (a partial launch environment)."""
+    start = time.monotonic()
+    proc = cluster.run("srun", "--nodes=1", "--ntasks=2", "--kill-on-bad-exit=1",
+                       "env", "-u", "SLURM_PROCID", "-u", "SLURM_LOCALID", str(ROOT / ".venv/bin/python"),
+                       "train.py", "--config", CONFIG, "data.synthetic=true", f"output_dir={tmp_path / 'run'}",
+                       check=False, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60, proc.stdout + proc.stderr
+    assert "srun launch without SLURM_PROCID, SLURM_LOCALID" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
