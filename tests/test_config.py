@@ -37,6 +37,13 @@ def test_command_line_wins_over_the_preset(tmp_path):
     assert (cfg.epochs, cfg.optim.lr) == (5, 0.3)
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 2e-5\n")  # YAML 1.1 reads this as a string
+    assert load_config(str(preset), []).optim.lr == 2e-5
+    assert load_config(None, ["optim.lr=1e30"]).optim.lr == 1e30
+
+
 def test_workload_selects_the_model_and_data_sections():
     cfg = load_config(None, ["workload=bert", "model.max_length=64"])
     assert cfg.model.max_length == 64

@@ -6,6 +6,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (FAST, assert_one_clear_error, logged_steps, read_metrics, run_torchrun, run_train, start,
@@ -48,6 +49,10 @@ def test_two_ranks_at_half_batch_match_one_process(tmp_path):
     gap = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert moved > 1e-4, "training did not change the weights: the comparison would be vacuous"
     assert gap < 1e-5, f"1-process and 2-rank weights differ by {gap} (tolerance 1e-5; they moved by {moved})"
+    # The logged loss is the global mean: the same in both runs.
+    loss_one = [r["loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "train"]
+    loss_two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
+    assert len(loss_one) == 4 and loss_two == pytest.approx(loss_one, rel=1e-5)
 
 
 def test_checkpoints_move_between_modes(tiny_images, tmp_path):

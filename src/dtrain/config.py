@@ -253,11 +253,6 @@ def _parse_text(text: str, typ: Any) -> Any:
         if text.startswith("["):
             return yaml.safe_load(text)
         return [] if text == "" else [item.strip() for item in text.split(",")]
-    if typ in (int, float):
-        try:
-            return typ(text)  # also takes forms YAML reads as strings, such as 1e30
-        except ValueError:
-            return text  # _coerce reports it with the key's name
     return yaml.safe_load(text) if text.strip() else text
 
 
@@ -284,6 +279,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -327,11 +327,27 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
-@contextlib.contextmanager
-def main_first(env: DistEnv) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. fills a cache), then the others reuse its result."""
-    if not env.is_main:
-        barrier(env)
-    yield
+def main_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """Run fn on rank 0 first (e.g. to fill a cache), then on the other ranks, which reuse its result.
+
+    Unlike a bare barrier, a failure on rank 0 reaches every rank: the others stop with the same
+    error at once instead of waiting at the barrier until the timeout.
+    """
+    result, failure = None, None
     if env.is_main:
-        barrier(env)
+        try:
+            result = fn()
+        except UserError as e:
+            failure = str(e)
+        except BaseException:
+            broadcast_object("rank 0 failed (see its traceback)", env)
+            raise
+    failure = broadcast_object(failure, env)
+    if failure is not None:
+        raise UserError(failure)
+    if env.is_main:
+        return result
+    try:
+        return fn()
+    except UserError as e:  # rank 0 succeeded, so this failure is this rank's alone
+        raise UserError(str(e), all_ranks=False) from None

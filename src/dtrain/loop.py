@@ -168,8 +168,8 @@ def train_one_epoch(t: Trainer) -> None:
         loss_sum[0] += loss.detach().double() / cfg.grad_accum_steps
         if not last_micro:
             continue
-        if optimizer_step(t):
-            loss_sum[1] += 1
+        optimizer_step(t)
+        loss_sum[1] += 1
         state.step += 1
         state.samples_in_epoch += samples_per_step
         speed.samples += samples_per_step
@@ -230,13 +230,12 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 def log_train(t: Trainer, loss_sum: torch.Tensor, speed: Throughput) -> None:
     """Global mean loss over the window (one small all-reduce, only at log steps)."""
-    reduced = all_reduce_sum(loss_sum.clone(), t.env)
-    steps = max(reduced[1].item(), 1.0)
+    reduced = all_reduce_sum(loss_sum.clone(), t.env)  # (sum of losses, count) over ranks and steps
     t.logger.record({
         "kind": "train",
         "epoch": t.state.epoch,
         "step": t.state.step,
-        "loss": reduced[0].item() / t.env.world_size / steps,
+        "loss": reduced[0].item() / max(reduced[1].item(), 1.0),
         "lr": t.optimizer.param_groups[0]["lr"],
         "samples_per_sec": speed.rate(),
     }, t.state.step)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.config import BertDataConfig, BertModelConfig, Config
-from dtrain.dist import DistEnv, broadcast_object
+from dtrain.dist import DistEnv, main_first
 from dtrain.errors import UserError
 from dtrain.workloads import Task
 
@@ -52,7 +52,7 @@ def build(cfg: Config, env: DistEnv) -> Task:
     # Checks every rank makes alike, before any collective: a bad model directory fails everywhere at once.
     hf_config = load_model_config(model_cfg)
     tokenizer = load_tokenizer(model_cfg.name_or_path, hf_config)
-    data = on_main_first(env, lambda: prepare_data(cfg, tokenizer))
+    data = main_first(env, lambda: prepare_data(cfg, tokenizer))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust pool is done; DataLoader workers may fork
     model = build_model(model_cfg, hf_config, data.labels, env)
     frozen = freeze_unused_parameters(model, tokenizer, len(cfg.data.text_columns))
@@ -130,32 +130,6 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def on_main_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
-    """Run fn on rank 0, then on the other ranks (which then find its results in the cache).
-
-    Unlike a bare barrier, a failure on rank 0 reaches every rank: the others stop with it
-    instead of waiting at the barrier until the timeout.
-    """
-    result, failure = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except UserError as e:
-            failure = str(e)
-        except BaseException:
-            broadcast_object("rank 0 failed while preparing the data (see its traceback)", env)
-            raise
-    failure = broadcast_object(failure, env)
-    if failure is not None:
-        raise UserError(failure)
-    if env.is_main:
-        return result
-    try:
-        return fn()
-    except UserError as e:  # rank 0 succeeded, so this failure is this rank's alone
-        raise UserError(str(e), all_ranks=False) from None
 
 
 # ---------------------------------------------------------------------------------------------
