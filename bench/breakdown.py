@@ -1,0 +1,126 @@
+"""Where a training step's time goes, per rank: data wait, forward, backward (with DDP's all-reduce), optimizer.
+
+    python bench/breakdown.py --out DIR [--steps 12 --warmup 3] key=value ...            # one process
+    torchrun --standalone --nproc_per_node=2 bench/breakdown.py --out DIR key=value ...   # DDP
+
+An instrumented copy of the shared loop's step, built from the project's own pieces (config, dist.setup,
+the workload's Task, make_loaders, wrap, build_optimizer, the loop's autocast), so dtrain/loop.py
+stays free of timers. DDP overlaps the all-reduce with the backward pass: whatever part of it is not
+hidden shows up as a longer backward (and a rank that waits for a slower peer waits there too). After
+the steps, a bare all-reduce of one gradient-sized buffer measures the communication alone.
+Each rank writes <out>/rank-<r>.json with per-step times in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+
+from dtrain import dist  # noqa: E402
+from dtrain.config import load_config  # noqa: E402
+from dtrain.data import make_loaders, to_device  # noqa: E402
+from dtrain.loop import autocast_context, seed_everything  # noqa: E402
+from dtrain.optim import build_optimizer  # noqa: E402
+from dtrain.workloads import build_task  # noqa: E402
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=12, help="timed steps (after the warm-up ones)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="train.py config overrides, e.g. model.arch=resnet18")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(None, args.overrides)
+    env = dist.setup(cfg)
+    try:
+        result = measure(cfg, env, args.warmup, args.steps)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"rank-{env.rank}.json").write_text(json.dumps(result, indent=1) + "\n")
+    finally:
+        dist.cleanup(env)
+
+
+def measure(cfg, env, warmup: int, steps: int) -> dict:
+    seed_everything(cfg.seed, cfg.deterministic)
+    task = build_task(cfg, env)
+    raw_model = task.model.to(env.device)
+    optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
+    train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env)
+    model = dist.wrap(torch.compile(raw_model) if cfg.compile else raw_model, env, cfg.ddp)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    autocast = autocast_context(env.device, cfg.precision)
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
+    if warmup + steps > len(train_loader):
+        raise SystemExit(f"the loader has {len(train_loader)} batches; need warmup + steps = {warmup + steps}")
+    sampler.start_epoch(0)
+    model.train()
+    batches = iter(train_loader)
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for step in range(warmup + steps):
+        dist.barrier(env)  # every rank starts the step together: a slow peer does not leak into "data"
+        t0 = time.perf_counter()
+        batch = to_device(next(batches), env.device)
+        sync()
+        t1 = time.perf_counter()
+        with autocast:
+            loss = task.train_loss(model, batch)
+        sync()
+        t2 = time.perf_counter()
+        scaler.scale(loss).backward()
+        sync()
+        t3 = time.perf_counter()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf"))  # the loop's finiteness check
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t4 = time.perf_counter()
+        if step >= warmup:
+            for phase, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+                times[phase].append(1000 * (b - a))
+    params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    return {
+        "rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(),
+        "batch_size": cfg.batch_size, "parameters": params,
+        "median_ms": {phase: statistics.median(v) for phase, v in times.items()},
+        "median_step_ms": statistics.median(map(sum, zip(*times.values()))),
+        "allreduce_ms": bare_allreduce_ms(params, env),
+        "steps_ms": times,
+    }
+
+
+def bare_allreduce_ms(numel: int, env, repeats: int = 5) -> float | None:
+    """Median time of one all-reduce of a float32 buffer the size of all gradients (no compute around it)."""
+    if not env.distributed:
+        return None
+    buffer = torch.zeros(numel, dtype=torch.float32, device=env.device)
+    out = []
+    for _ in range(repeats):
+        dist.barrier(env)
+        t0 = time.perf_counter()
+        tdist.all_reduce(buffer)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(out)
+
+
+if __name__ == "__main__":
+    main()

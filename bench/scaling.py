@@ -1,0 +1,256 @@
+"""Weak scaling, per-rank step-time breakdown, and memory per process across epochs.
+
+    python bench/scaling.py                  # CPU: ResNet-18, 1 vs 2 processes (gloo), 1 thread each (~5 min)
+    python bench/scaling.py --quick          # smoke run
+    python bench/scaling.py --set ddp.static_graph=true --set ddp.bucket_cap_mb=50   # try DDP options
+    python bench/scaling.py --device cuda    # GPU: ResNet-50 AMP + channels_last, 1 vs all GPUs (NCCL)
+
+Three kinds of run, repeated and interleaved, all with the same per-process batch and threads:
+  1 process                 python train.py ...
+  N processes, DDP          torchrun --standalone --nproc_per_node=N train.py ...
+  N independent processes   N separate `python train.py` jobs at the same time, no communication
+Weak-scaling efficiency = throughput(N, DDP) / (N x throughput(1)). The independent jobs show what the
+machine itself allows N processes (shared cores, memory bandwidth, other users' load): if they cannot
+each keep the single-process speed, that bound, not DDP, caps the efficiency.
+Then bench/breakdown.py times each phase of a step on every rank, and the loop's per-epoch memory
+records (peak RSS per rank; peak CUDA memory on GPUs) show 1 vs N processes and any growth after
+the first epoch (target < 3%). Writes bench/results/scaling-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cases import ImageCase
+from common import (BENCH, DEFAULT_RESULTS, TRAIN, child_env, drop_checkpoints, fmt_summary, fresh_dir, interleaved,
+                    machine_info, memory_by_epoch, print_table, python_cmd, read_records, rss_growth, run_job,
+                    run_together, steady_rate, summary, torchrun_cmd, write_json)
+
+EFFICIENCY_TARGET = 0.85
+GROWTH_TARGET = 0.03
+BREAKDOWN = BENCH / "breakdown.py"
+CORE_PROBE = BENCH / "core_probe.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--nproc", type=int, default=0, help="processes of the DDP run (default: 2 on CPU, all GPUs)")
+    p.add_argument("--reps", type=int, default=0, help="repetitions (default 3; --quick 1)")
+    p.add_argument("--threads", type=int, default=0, help="threads per process (default: 1 on CPU)")
+    p.add_argument("--image-size", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=0, help="epochs per run, for the memory figures (default 4)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra train.py override for the project's runs, e.g. ddp.static_graph=true")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    return p.parse_args(argv)
+
+
+def scaling_case(args, nproc: int) -> ImageCase:
+    if args.device == "cuda":
+        cores = len(os.sched_getaffinity(0))
+        case = ImageCase(arch="resnet50", image_size=224, batch=256, steps=30, epochs=3, log_every=10,
+                         warmup_windows=2, threads=args.threads or max(1, cores // nproc),
+                         workers=max(1, min(8, cores // nproc - 1)), precision="bf16", channels_last=True,
+                         device="cuda", num_classes=1000)
+    else:
+        # One thread per process, so that 2 processes fit 2 cores (FACTS: 2 DDP processes, 1 thread each).
+        case = ImageCase(image_size=64, batch=32, steps=6, epochs=4, log_every=2, warmup_windows=2,
+                         threads=args.threads or 1, workers=0)
+    if args.quick:
+        case = replace(case, image_size=32, batch=16, steps=4, epochs=3, log_every=2, warmup_windows=1)
+    return replace(case, image_size=args.image_size or case.image_size, epochs=args.epochs or case.epochs)
+
+
+def gpu_env(device: str, gpus: str | None) -> dict[str, str]:
+    return {"CUDA_VISIBLE_DEVICES": gpus} if device == "cuda" and gpus is not None else {}
+
+
+def throughput_runs(case: ImageCase, nproc: int, reps: int, extra: list[str], work: Path, device: str) -> dict:
+    """Interleaved repetitions of the three kinds of run; each returns its samples/s and memory records."""
+    timeout = 1800
+
+    def result(run_dir: Path) -> dict:
+        records = read_records(run_dir / "metrics.jsonl")
+        drop_checkpoints(run_dir)
+        return {"rate": steady_rate(records, case.warmup_windows), "memory": memory_by_epoch(records)}
+
+    def one(run_dir: Path) -> dict:
+        run_job(python_cmd(TRAIN, case.project_args(run_dir) + extra),
+                child_env(case.threads, **gpu_env(device, "0")), run_dir / "log.txt", timeout)
+        return result(run_dir)
+
+    def ddp(run_dir: Path) -> dict:
+        run_job(torchrun_cmd(nproc, TRAIN, case.project_args(run_dir, processes=nproc) + extra),
+                child_env(case.threads), run_dir / "log.txt", timeout)
+        return result(run_dir)
+
+    def independent(run_dir: Path) -> dict:
+        jobs = [(python_cmd(TRAIN, case.project_args(run_dir / f"job{i}") + extra),
+                 child_env(case.threads, **gpu_env(device, str(i))), run_dir / f"log{i}.txt") for i in range(nproc)]
+        run_together(jobs, timeout)
+        parts = [result(run_dir / f"job{i}") for i in range(nproc)]
+        return {"rate": sum(p["rate"] for p in parts), "per_job": [p["rate"] for p in parts]}
+
+    runs = interleaved({"one": one, "ddp": ddp, "independent": independent}, reps, work)
+    return runs
+
+
+def breakdown_runs(case: ImageCase, nproc: int, extra: list[str], work: Path, device: str, quick: bool) -> dict:
+    """bench/breakdown.py in 1 process and in N DDP processes: median ms per phase, per rank."""
+    warmup, steps = (1, 3) if quick else (3, 10)
+    timed = replace(case, steps=warmup + steps, epochs=1)
+    out = {}
+    for name, n in (("one", 1), ("ddp", nproc)):
+        run_dir = fresh_dir(work / f"breakdown-{name}")
+        args = [f"--out={run_dir}", f"--warmup={warmup}", f"--steps={steps}",
+                *timed.project_args(run_dir, processes=n), *extra]
+        cmd = python_cmd(BREAKDOWN, args) if n == 1 else torchrun_cmd(n, BREAKDOWN, args)
+        run_job(cmd, child_env(case.threads, **gpu_env(device, "0" if n == 1 else None)), run_dir / "log.txt", 1800)
+        out[name] = [json.loads((run_dir / f"rank-{r}.json").read_text()) for r in range(n)]
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    nproc = args.nproc or (2 if args.device == "cpu" else gpu_count())
+    if nproc < 2:
+        raise SystemExit(f"scaling needs at least 2 processes (found {nproc} GPU(s)); use --nproc")
+    reps = args.reps or (1 if args.quick else 3)
+    case = scaling_case(args, nproc)
+    work = fresh_dir(args.results / "work" / "scaling")
+    began = time.perf_counter()
+    print(f"{case.label()}, {case.threads} thread(s) per process, {case.steps} steps x {case.epochs} epochs per "
+          f"run, 1 vs {nproc} processes, {reps} repetition(s)", flush=True)
+    runs = throughput_runs(case, nproc, reps, args.set, work / "runs", args.device)
+    probe = core_probe(nproc, reps, work / "probe", 2.0 if args.quick else 4.0) if args.device == "cpu" else None
+    print("step-time breakdown:", flush=True)
+    breakdown = breakdown_runs(case, nproc, args.set, work / "breakdown", args.device, args.quick)
+    tables, summaries = report(case, nproc, reps, runs, breakdown, probe, args.device)
+    payload = {"benchmark": "scaling", "device": args.device, "quick": args.quick, "reps": reps, "nproc": nproc,
+               "machine": machine_info(), "settings": case.label(), "case": case.__dict__, "extra_overrides": args.set,
+               **summaries, "runs": runs, "breakdown": breakdown, "core_probe": probe, "table": "\n".join(tables),
+               "seconds": time.perf_counter() - began}
+    write_json(args.results, f"scaling-{args.device}{'-quick' if args.quick else ''}", payload)
+    print(f"scaling benchmark took {time.perf_counter() - began:.0f} s", flush=True)
+    return 0
+
+
+def core_probe(nproc: int, reps: int, work: Path, seconds: float) -> dict:
+    """Single-thread matmul GFLOP/s of one process alone, then of each of N processes running at once."""
+    def gflops(log: Path) -> float:
+        return json.loads(log.read_text().strip().splitlines()[-1])["gflops"]
+
+    def alone(run_dir: Path) -> float:
+        run_job(python_cmd(CORE_PROBE, [f"--seconds={seconds}"]), child_env(1), run_dir / "log.txt", 120)
+        return gflops(run_dir / "log.txt")
+
+    def together(run_dir: Path) -> dict:
+        logs = [run_dir / f"log{i}.txt" for i in range(nproc)]
+        run_together([(python_cmd(CORE_PROBE, [f"--seconds={seconds}"]), child_env(1), log) for log in logs], 120)
+        per_process = [gflops(log) for log in logs]
+        return {"rate": sum(per_process), "per_process": per_process}
+
+    print("core probe (1-thread matmul, no model, no communication):", flush=True)
+    return interleaved({"alone": alone, "together": together}, reps, work, unit="GFLOP/s")
+
+
+def probe_ratio(probe: dict, nproc: int) -> float:
+    return statistics.median(t["rate"] for t in probe["together"]) / (nproc * statistics.median(probe["alone"]))
+
+
+def probe_table(probe: dict, nproc: int) -> str:
+    alone = summary(probe["alone"])
+    together = summary([t["rate"] for t in probe["together"]])
+    ratio = probe_ratio(probe, nproc)
+    return print_table(
+        "Machine check: 1-thread fp32 matmul (256x256), GFLOP/s; median (min-max)",
+        ["run", "total GFLOP/s", "per process", "vs N x alone"],
+        [["1 process alone", fmt_summary(alone), f"{alone['median']:.1f}", "1.000"],
+         [f"{nproc} processes at once", fmt_summary(together), f"{together['median'] / nproc:.1f}",
+          f"{ratio:.3f} = the most any {nproc}-process job can reach here"]])
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, probe: dict | None,
+           device: str) -> tuple[list, dict]:
+    rates = {kind: [r["rate"] for r in runs[kind]] for kind in runs}
+    one, ddp, indep = (summary(rates[k]) for k in ("one", "ddp", "independent"))
+    efficiency = ddp["median"] / (nproc * one["median"])
+    machine_bound = indep["median"] / (nproc * one["median"])
+    paired = summary([d / (nproc * o) for d, o in zip(rates["ddp"], rates["one"])])
+    unit = "img/s"
+    tables = [print_table(
+        f"Weak scaling ({device}; {case.label()}, {case.threads} thread(s) per process; median (min-max) of {reps} "
+        "interleaved repetition(s))",
+        ["run", "processes", "total throughput", "per process", "vs N x 1 process"],
+        [["1 process", 1, f"{fmt_summary(one)} {unit}", f"{one['median']:.1f}", "1.000"],
+         [f"DDP ({'gloo' if device == 'cpu' else 'nccl'})", nproc, f"{fmt_summary(ddp)} {unit}",
+          f"{ddp['median'] / nproc:.1f}", f"{efficiency:.3f} = weak-scaling efficiency (target >= {EFFICIENCY_TARGET})"],
+         [f"{nproc} independent jobs at once", nproc, f"{fmt_summary(indep)} {unit}", f"{indep['median'] / nproc:.1f}",
+          f"{machine_bound:.3f} = what the machine allows without any communication"]],
+        note=f"DDP / independent jobs = {ddp['median'] / indep['median']:.3f} (the cost of DDP itself); "
+             f"efficiency per repetition: {fmt_summary(paired, 3)}")]
+    if probe is not None:
+        tables.append(probe_table(probe, nproc))
+    tables.append(breakdown_table(breakdown, device))
+    memory_rows, growth = memory_table(runs)
+    tables.append(memory_rows)
+    summaries = {"one": one, "ddp": ddp, "independent": indep, "weak_scaling_efficiency": efficiency,
+                 "paired_efficiency": paired, "machine_bound": machine_bound,
+                 "ddp_vs_independent": ddp["median"] / indep["median"], "efficiency_target": EFFICIENCY_TARGET,
+                 "meets_efficiency_target": efficiency >= EFFICIENCY_TARGET, "rss_growth": growth,
+                 "growth_target": GROWTH_TARGET,
+                 "core_probe_ratio": probe_ratio(probe, nproc) if probe is not None else None}
+    return tables, summaries
+
+
+def breakdown_table(breakdown: dict, device: str) -> str:
+    rows = []
+    for name, ranks in breakdown.items():
+        for r in ranks:
+            m = r["median_ms"]
+            bare = f"{r['allreduce_ms']:.0f}" if r["allreduce_ms"] is not None else "-"
+            rows.append([f"{r['world_size']} process(es)", r["rank"], f"{m['data']:.0f}", f"{m['forward']:.0f}",
+                         f"{m['backward']:.0f}", f"{m['optimizer']:.0f}", f"{r['median_step_ms']:.0f}", bare])
+    params = breakdown["one"][0]["parameters"]
+    return print_table(
+        f"Step-time breakdown per rank ({device}; median ms per step; backward includes DDP's all-reduce; "
+        f"bare all-reduce = one all-reduce of all {params / 1e6:.1f}M gradients, fp32, nothing else running)",
+        ["run", "rank", "data wait", "forward", "backward", "optimizer", "step", "bare all-reduce"], rows)
+
+
+def memory_table(runs: dict) -> tuple[str, dict]:
+    """Peak RSS per rank after each epoch, from the last repetition's 1-process and DDP runs."""
+    rows, growth = [], {}
+    for kind in ("one", "ddp"):
+        memory = runs[kind][-1]["memory"]
+        if not memory:
+            continue
+        growth[kind] = rss_growth(memory)  # the worst rank
+        for rank in range(len(memory[0]["peak_rss_mb"])):
+            per_epoch = [m["peak_rss_mb"][rank] for m in memory]
+            shown = f"{100 * (per_epoch[-1] / per_epoch[1] - 1):+.1f}%" if len(memory) >= 3 else "needs 3+ epochs"
+            cuda = (" / ".join(f"{m['peak_cuda_mb'][rank]:.0f}" for m in memory)
+                    if "peak_cuda_mb" in memory[0] else "-")
+            rows.append(["1 process" if kind == "one" else f"DDP, {len(memory[0]['peak_rss_mb'])} processes", rank,
+                         " / ".join(f"{v:.0f}" for v in per_epoch), shown, cuda])
+    return print_table(f"Peak memory per process after each epoch (MB; target: growth from the end of epoch 2 to "
+                       f"the end of the last < {100 * GROWTH_TARGET:.0f}%)",
+                       ["run", "rank", "peak RSS by epoch", "growth epoch 2 -> last", "peak CUDA by epoch"],
+                       rows), growth
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""BERT fine-tuning throughput: the project's train.py against the Hugging Face Trainer, identical settings.
+
+    python bench/trainer.py                  # CPU: all-MiniLM-L6-v2, seq 64, batch 16, fp32 (~5 min on 2 cores)
+    python bench/trainer.py --precision bf16 # both sides under bf16 autocast
+    python bench/trainer.py --quick          # smoke run
+    python bench/trainer.py --device cuda    # GPU: bert-base-sized model, seq 128, batch 32, bf16
+
+Both sides get the same model directory, the same fixed-length token CSV (every example truncates to
+seq), batch, AdamW (lr 5e-5, weight decay 0.01 off for biases and LayerNorm), linear schedule,
+gradient clipping at 1.0, precision and threads. Repetitions alternate which side goes first.
+Target: project / Trainer >= 1.0. Writes bench/results/trainer-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cases import HF_TRAINER
+from common import DEFAULT_RESULTS, fmt_summary, fresh_dir, machine_info, print_table, python_cmd, write_json
+from overhead import RUN_PROJECT, bert_case, compare, measure
+
+TARGET = 1.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--reps", type=int, default=0, help="repetitions per side (default 3; --quick 1)")
+    p.add_argument("--threads", type=int, default=0, help="threads per process (default: 1 on CPU, all cores on GPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="")
+    p.add_argument("--bert-dir", default="", help="GPU mode: a local bert-base directory (default: random init)")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.compile = False  # the Trainer would need its own compile settings; both run eagerly
+    reps = args.reps or (1 if args.quick else 3)
+    work = fresh_dir(args.results / "work" / "trainer")
+    began = time.perf_counter()
+    case = replace(bert_case(args), grad_clip=1.0).with_data(work)  # the Trainer's default clipping, on both sides
+    print(f"bert: {case.label()}, {case.threads} thread(s), {reps} repetition(s)", flush=True)
+    sides = {"project": lambda run_dir: python_cmd(RUN_PROJECT, case.project_args(run_dir)),
+             "hf_trainer": lambda run_dir: python_cmd(HF_TRAINER, case.trainer_args(run_dir / "metrics.jsonl"))}
+    result = compare("bert", case, measure(case, sides, reps, work / "runs", args.device), baseline="hf_trainer")
+    result["target"] = TARGET
+    result["meets_target"] = result["rate"]["ratio_of_medians"] >= TARGET
+    rate, cpu = result["rate"], result.get("cpu_rate")
+    table = print_table(
+        f"BERT fine-tuning vs Hugging Face Trainer ({args.device}; median (min-max) of {reps} interleaved "
+        "repetition(s), steady-state sequences/s)",
+        ["settings", "threads", "project", "HF Trainer", "project / Trainer", "per repetition",
+         "same, per CPU-second"],
+        [[case.label(), case.threads, f"{fmt_summary(rate['project'])} seq/s",
+          f"{fmt_summary(rate['hf_trainer'])} seq/s", f"{rate['ratio_of_medians']:.3f} (target >= {TARGET})",
+          fmt_summary(rate["paired_ratio"], 3), f"{cpu['ratio_of_medians']:.3f}" if cpu else "-"]],
+        note="(same model directory, token file, batch, AdamW, linear schedule, clipping at 1.0, precision, threads)")
+    payload = {"benchmark": "trainer", "device": args.device, "quick": args.quick, "reps": reps,
+               "machine": machine_info(), **result, "table": table, "seconds": time.perf_counter() - began}
+    write_json(args.results, f"trainer-{args.device}{'-quick' if args.quick else ''}", payload)
+    print(f"trainer benchmark took {time.perf_counter() - began:.0f} s", flush=True)
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())

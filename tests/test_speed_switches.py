@@ -1,0 +1,190 @@
+"""The speed switches change how fast training runs, never what it computes.
+
+Real runs of train.py (and torchrun) on synthetic images with squeezenet1_1 (dropout 0, no BatchNorm):
+with the same samples per optimizer step, every switch must end where the plain fp32 run ends,
+within a stated tolerance, and each test checks that its switch really took effect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, assert_one_clear_error, read_metrics, run_torchrun, run_train
+
+STEPS = 3
+# 48 images: 6 steps of 8 per epoch, so STEPS steps stay inside the first epoch.
+SYNTHETIC = [*FAST, "data.synthetic=true", "data.synthetic_train_size=48", "data.synthetic_val_size=8",
+             f"max_steps={STEPS}", "optim.schedule=constant"]
+BIG_BATCH = ["batch_size=8"]
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def train(tmp: Path, *overrides: str, **env: str) -> Path:
+    proc = run_train([*SYNTHETIC, *overrides, f"output_dir={tmp}"], **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    """The model before any step: the loop seeds with cfg.seed (0) right before building it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=10, dropout=0.0).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """Plain fp32, contiguous, eager: batch 8 per optimizer step."""
+    return train(tmp_path_factory.mktemp("reference"), *BIG_BATCH)
+
+
+def test_reference_run_trains(reference: Path):
+    moved = max_difference(weights(reference), initial_weights())
+    assert moved > 1e-3, "the reference run did not change the weights: the comparisons below would be vacuous"
+    assert len(losses(reference)) == STEPS
+
+
+def test_accumulating_k_micro_batches_equals_one_step_at_k_times_the_batch(reference: Path, tmp_path: Path):
+    run = train(tmp_path, "batch_size=2", "grad_accum_steps=4")
+    # Same 8 samples per step; only the summation order of the gradient differs (float rounding).
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
+    assert max_difference(weights(run), weights(reference)) < 1e-5
+
+
+# torchrun: the wrapped model gets a DDP communication hook that counts all-reduce rounds
+# (one per backward that synchronizes), and each rank reports its thread count at exit.
+COUNTING_TRAIN = """
+import atexit, json, os, runpy, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+import dtrain.loop
+
+rounds = []
+def counting_hook(state, bucket):
+    if bucket.is_last():
+        rounds.append(1)
+    return allreduce_hook(state, bucket)
+
+original_wrap = dtrain.loop.wrap
+def wrap(model, env, ddp_cfg):
+    wrapped = original_wrap(model, env, ddp_cfg)
+    wrapped.register_comm_hook(None, counting_hook)
+    return wrapped
+dtrain.loop.wrap = wrap
+
+@atexit.register
+def report():
+    with open(os.environ["REPORT"] + "." + os.environ["RANK"], "w") as f:
+        json.dump({"all_reduce_rounds": len(rounds), "threads": torch.get_num_threads()}, f)
+
+torch.set_num_threads(3)  # what the process would keep if the project did not set its own count
+sys.argv = [os.environ["TRAIN"], *sys.argv[1:]]
+runpy.run_path(os.environ["TRAIN"], run_name="__main__")
+"""
+
+
+def test_ddp_accumulation_all_reduces_once_per_optimizer_step(reference: Path, tmp_path: Path):
+    from conftest import TRAIN
+
+    script = tmp_path / "counting_train.py"
+    script.write_text(COUNTING_TRAIN)
+    out = tmp_path / "run"
+    # 2 processes x batch 2 x 2 micro-steps = the reference's 8 samples per step; DDP options that cut copies on.
+    proc = run_torchrun([*SYNTHETIC, "batch_size=2", "grad_accum_steps=2", "ddp.gradient_as_bucket_view=true",
+                         "ddp.bucket_cap_mb=1", f"output_dir={out}"], script=str(script),
+                        REPORT=str(tmp_path / "report"), TRAIN=TRAIN)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in (0, 1)]
+    # no_sync on the non-final micro-step: STEPS rounds, not STEPS x grad_accum_steps.
+    assert [r["all_reduce_rounds"] for r in reports] == [STEPS, STEPS]
+    # threads=0: the node's cores shared by its 2 processes, at least one each (not the 3 it started with).
+    cores = len(os.sched_getaffinity(0))
+    assert [r["threads"] for r in reports] == [max(1, cores // 2)] * 2
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    assert max_difference(weights(out), weights(reference)) < 1e-5
+
+
+def test_ddp_static_graph_matches(reference: Path, tmp_path: Path):
+    proc = run_torchrun([*SYNTHETIC, "batch_size=4", "ddp.static_graph=true", f"output_dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert max_difference(weights(tmp_path), weights(reference)) < 1e-5
+
+
+def test_channels_last_gives_the_same_losses(reference: Path, tmp_path: Path):
+    run = train(tmp_path, *BIG_BATCH, "channels_last=true")
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-4)
+    assert max_difference(weights(run), weights(reference)) < 1e-4
+    # The switch took effect: the trained conv weights are stored NHWC (checkpoints keep strides).
+    conv = weights(run)["features.0.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_compile_gives_the_same_losses(reference: Path, tmp_path: Path):
+    cache = tmp_path / "inductor"
+    run = train(tmp_path / "run", *BIG_BATCH, "compile=true", TORCHINDUCTOR_CACHE_DIR=str(cache),
+                TORCHINDUCTOR_COMPILE_THREADS="1")
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-3)
+    assert max_difference(weights(run), weights(reference)) < 1e-4
+    assert any(cache.rglob("*.py")), "torch.compile wrote no generated kernels: the model ran eagerly"
+    assert not any(k.startswith("_orig_mod.") for k in weights(run)), "checkpoint holds the compiled wrapper"
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(reference: Path, tmp_path: Path):
+    run = train(tmp_path, *BIG_BATCH, "precision=bf16")
+    got, want = losses(run), losses(reference)
+    assert all(abs(g - w) <= 0.02 * abs(w) for g, w in zip(got, want)), (got, want)
+    assert got != want, "bf16 gave bit-identical losses: autocast did not take effect"
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path: Path):
+    proc = run_train([*SYNTHETIC, "precision=fp16", "mode=cpu", f"output_dir={tmp_path}"])
+    assert_one_clear_error(proc, "fp16", "GPU", "bf16")
+
+
+@needs_gpu
+def test_fp16_with_gradient_scaler_on_gpu(tmp_path: Path):
+    fp32 = train(tmp_path / "fp32", *BIG_BATCH, "mode=auto", CUDA_VISIBLE_DEVICES="0")
+    fp16 = train(tmp_path / "fp16", *BIG_BATCH, "mode=auto", "precision=fp16", CUDA_VISIBLE_DEVICES="0")
+    got, want = losses(fp16), losses(fp32)
+    assert all(abs(g - w) <= 0.02 * abs(w) for g, w in zip(got, want)), (got, want)
+    scaler = torch.load(fp16 / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["scaler"]
+    assert scaler.get("scale", 0) > 0, f"the gradient scaler was not enabled: {scaler}"
+    assert max_difference(weights(fp16), initial_weights()) > 1e-3
+
+
+def test_loader_switches():
+    """Workers persist and prefetch; pinned memory only where there is a GPU to copy to."""
+    from dtrain.config import load_config
+    from dtrain.data import make_loaders
+    from dtrain.dist import DistEnv
+    from dtrain.workloads.image import SyntheticImages
+
+    data = SyntheticImages(16, 10, 8, seed=0)
+    cpu, gpu = DistEnv(mode="single", device=torch.device("cpu")), DistEnv(mode="single", device=torch.device("cuda", 0))
+    train_loader, _, val_loader = make_loaders(data, data, None, load_config(None, ["num_workers=2"]), cpu)
+    for loader in (train_loader, val_loader):
+        assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor, loader.pin_memory) == \
+               (2, True, 4, False)
+    assert make_loaders(data, data, None, load_config(None, ["num_workers=2"]), gpu)[0].pin_memory
+    no_workers = make_loaders(data, data, None, load_config(None, ["num_workers=0"]), cpu)[0]
+    assert (no_workers.persistent_workers, no_workers.prefetch_factor) == (False, None)
