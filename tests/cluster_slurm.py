@@ -14,6 +14,7 @@ Daemons run in the foreground as our own child processes and are stopped by pid 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,9 @@ from pathlib import Path
 from cluster_netns import BRIDGE_ADDR, Host
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "sinfo")
+# Pids and directory of the running test cluster: a session killed outright (SIGKILL, OOM) leaves
+# its daemons behind, and the next session ends them (held under cluster_netns.SessionLock).
+RECORD = Path("/run/lock/dtrain-test-slurm.json")
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                "DEADLINE", "PREEMPTED"}
 
@@ -89,6 +93,22 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def stop_leftovers() -> None:
+    """Kill the daemons a killed session recorded (only pids that still run from its directory)."""
+    if not RECORD.is_file():
+        return
+    record = json.loads(RECORD.read_text())
+    for pid in record["pids"]:
+        try:
+            proc_files = (Path(f"/proc/{pid}/cmdline").read_bytes(), Path(f"/proc/{pid}/environ").read_bytes())
+        except OSError:
+            continue  # gone
+        if any(record["root"].encode() in data for data in proc_files):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(record["root"], ignore_errors=True)
+    RECORD.unlink(missing_ok=True)
+
+
 class SlurmCluster:
     def __init__(self, hosts: list[Host]):
         # Not under pytest's tmp_path: munged refuses directories that its user cannot walk into.
@@ -117,6 +137,7 @@ class SlurmCluster:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:
+        stop_leftovers()
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # munged (user munge) walks into its directory below
@@ -128,6 +149,7 @@ class SlurmCluster:
         for host in self.hosts:
             self._spawn(f"slurmd-{host.name}", host.command(["slurmd", "-D", "-N", host.name]))
         self._wait(self.all_nodes_idle, timeout, "every node to be idle in sinfo")
+        RECORD.write_text(json.dumps({"root": str(self.root), "pids": [p.pid for p in self.procs.values()]}))
 
     def _start_munge(self) -> None:
         self.munge_dir.mkdir(exist_ok=True)
@@ -178,6 +200,7 @@ class SlurmCluster:
                 proc.wait(timeout=10)
         self.procs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+        RECORD.unlink(missing_ok=True)
 
     # -- commands -------------------------------------------------------------------------------
 

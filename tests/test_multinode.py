@@ -77,6 +77,33 @@ def test_ddp_script_starts_two_cpu_processes_without_gpus(tmp_path):
     assert load_state(tmp_path)["world_size"] == 2
 
 
+def test_ddp_script_forwards_sigusr1_to_every_rank_which_save_and_resume(tmp_path):
+    """`kill -USR1 <torchrun>` (a batch shell forwarding a preemption notice, say): torchrun passes it
+    on (--signals-to-handle), every rank stops at the same step and saves; a rerun resumes."""
+    args = ["--config", CONFIG, *TINY, "data.synthetic_train_size=4096", "batch_size=2", "resume=auto",
+            f"output_dir={tmp_path}"]
+    launcher = subprocess.Popen(["launch/ddp.sh", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=launch_env(NPROC="2"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "metrics.jsonl").is_file() or '"step": 2' not in (tmp_path / "metrics.jsonl").read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, "no training step 2 logged"
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGUSR1)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0, stdout + stderr
+    assert stdout.count("received SIGUSR1") == 2, stdout + stderr
+    stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
+    assert load_state(tmp_path)["step"] == stopped
+    again = run_script(["launch/ddp.sh", *args, f"max_steps={stopped + 2}"], NPROC="2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from {tmp_path}/checkpoints/last.pt: epoch 0, step {stopped}" in again.stdout
+    assert load_state(tmp_path)["step"] == stopped + 2
+
+
 def test_multinode_script_without_head_is_a_usage_error():
     proc = run_script(["launch/multinode.sh", "--nnodes", "2", "--config", CONFIG], timeout=30)
     assert proc.returncode == 2
