@@ -9,7 +9,9 @@ padding, so every sample is counted exactly once.
 
 from __future__ import annotations
 
+import functools
 import random
+import signal
 from typing import Iterator
 
 import torch
@@ -83,6 +85,7 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
     workers = cfg.num_workers
     common = dict(
         num_workers=workers,
+        worker_init_fn=functools.partial(ignore_signals, cfg.stop_signals) if workers > 0 else None,
         collate_fn=collate_fn,
         pin_memory=env.device.type == "cuda",
         persistent_workers=workers > 0,
@@ -94,6 +97,13 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
                             sampler=ShardSampler(len(val_set), env), drop_last=False, **common)
     return train_loader, sampler, val_loader
+
+
+def ignore_signals(names: list[str], worker_id: int) -> None:
+    """DataLoader workers inherit the trainer's stop handler, and Slurm or torchrun signal every
+    process of the job: the main process decides when to stop, its workers ignore those signals."""
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def to_device(batch, device: torch.device):

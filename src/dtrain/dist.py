@@ -199,7 +199,7 @@ def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
                                 **_rendezvous(launch, timeout, os.environ))
     except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
         raise UserError(f"could not join the process group at {launch.master_addr}:{launch.master_port} "
-                        f"as rank {launch.rank}/{launch.world_size} within {cfg.timeout_s:g}s: "
+                        f"as rank {launch.rank}/{launch.world_size} (timeout_s={cfg.timeout_s:g}): "
                         f"{str(e).splitlines()[0]}", all_ranks=False) from None
     return DistEnv(mode="ddp", device=device, rank=launch.rank, local_rank=launch.local_rank,
                    world_size=launch.world_size, local_world_size=launch.local_world_size,

@@ -195,6 +195,8 @@ def stop_after_save(t: Trainer) -> None:
         t.logger.print(f"stopped at step {t.state.step}: checkpoint saved in {ckpt.checkpoint_dir(t.cfg.output_dir)}")
         if t.cfg.requeue and "SLURM_JOB_ID" in os.environ:
             t.logger.print(requeue_slurm_job())
+    # Nobody exits before rank 0 has requeued: a launcher that sees one rank exit may kill the rest.
+    barrier(t.env)
     raise StopTraining()
 
 
