@@ -88,8 +88,9 @@ def start(cmd_args: list[str], script: str = TRAIN, nproc: int = 0,
     """Start `python SCRIPT ARGS` (nproc=0) or `torchrun ... SCRIPT ARGS` in the background."""
     launcher = [] if nproc == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                                       *launcher_args]
+    # A session of its own, so a test can signal the whole process group as Slurm or a terminal does.
     return subprocess.Popen([sys.executable, *launcher, script, *cmd_args], cwd=ROOT, env=subprocess_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 120, what: str = "condition"):

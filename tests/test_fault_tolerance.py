@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -109,3 +110,16 @@ def test_stop_signal_single_process_saves_and_exits_3(tmp_path):
     assert proc.returncode == 3
     stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
+
+
+def test_signal_to_the_whole_process_group_is_handled_once_by_the_trainer(tmp_path):
+    """Slurm and terminals signal every process, DataLoader workers included: only the trainer acts."""
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
+                  "num_workers=2"])
+    wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert stdout.count("received SIGTERM") == 1
+    assert "DataLoader worker" not in stderr
