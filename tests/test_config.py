@@ -107,3 +107,14 @@ def test_cli_help_and_cli_errors_exit_2_with_one_line():
     proc = run_train(["--config", "configs/nope.yaml"])
     assert proc.returncode == 2
     assert_one_clear_error(proc, "configs/nope.yaml", "does not exist")
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    sections = [(Config, ""), (OptimConfig, "optim."), (DDPConfig, "ddp.")]
+    sections += [(cls, prefix) for model_t, data_t in WORKLOAD_SECTIONS.values()
+                 for cls, prefix in ((model_t, "model."), (data_t, "data."))]
+    missing = [f"{prefix}{f.name}" for cls, prefix in sections for f in dataclasses.fields(cls)
+               if not (cls is Config and f.name in ("optim", "ddp", "model", "data"))
+               and f"`{prefix}{f.name}`" not in readme]
+    assert not missing, f"README.md does not document: {missing}"
