@@ -40,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=12, help="timed steps (after the warm-up ones)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--skip-allreduce", action="store_true",
+                   help="diagnostic: every backward under DDP's no_sync(), so ranks never communicate; the "
+                        "difference to a normal run is the cost of the all-reduce itself")
+    p.add_argument("--no-ddp", action="store_true",
+                   help="diagnostic: ranks train unwrapped copies in lock-step (the per-step barrier), so the "
+                        "difference to --skip-allreduce is DDP's own work in backward")
     p.add_argument("overrides", nargs="*", help="train.py config overrides, e.g. model.arch=resnet18")
     return p.parse_args(argv)
 
@@ -49,20 +55,22 @@ def main(argv=None) -> None:
     cfg = load_config(None, args.overrides)
     env = dist.setup(cfg)
     try:
-        result = measure(cfg, env, args.warmup, args.steps)
+        result = measure(cfg, env, args.warmup, args.steps, args.skip_allreduce, args.no_ddp)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"rank-{env.rank}.json").write_text(json.dumps(result, indent=1) + "\n")
     finally:
         dist.cleanup(env)
 
 
-def measure(cfg, env, warmup: int, steps: int) -> dict:
+def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_ddp: bool = False) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
     raw_model = task.model.to(env.device)
     optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
     train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env)
-    model = dist.wrap(torch.compile(raw_model) if cfg.compile else raw_model, env, cfg.ddp)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if not no_ddp:
+        model = dist.wrap(model, env, cfg.ddp)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_context(env.device, cfg.precision)
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
@@ -82,7 +90,8 @@ def measure(cfg, env, warmup: int, steps: int) -> dict:
             loss = task.train_loss(model, batch)
         sync()
         t2 = time.perf_counter()
-        scaler.scale(loss).backward()
+        with dist.no_sync(model, skip=skip_allreduce):
+            scaler.scale(loss).backward()
         sync()
         t3 = time.perf_counter()
         scaler.unscale_(optimizer)
@@ -98,6 +107,7 @@ def measure(cfg, env, warmup: int, steps: int) -> dict:
     params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     return {
         "rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(),
+        "skip_allreduce": skip_allreduce, "ddp": env.distributed and not no_ddp,
         "batch_size": cfg.batch_size, "parameters": params,
         "median_ms": {phase: statistics.median(v) for phase, v in times.items()},
         "median_step_ms": statistics.median(map(sum, zip(*times.values()))),

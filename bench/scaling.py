@@ -12,9 +12,12 @@ Three kinds of run, repeated and interleaved, all with the same per-process batc
 Weak-scaling efficiency = throughput(N, DDP) / (N x throughput(1)). The independent jobs show what the
 machine itself allows N processes (shared cores, memory bandwidth, other users' load): if they cannot
 each keep the single-process speed, that bound, not DDP, caps the efficiency.
-Then bench/breakdown.py times each phase of a step on every rank, and the loop's per-epoch memory
-records (peak RSS per rank; peak CUDA memory on GPUs) show 1 vs N processes and any growth after
-the first epoch (target < 3%). Writes bench/results/scaling-<device>.json.
+bench/core_probe.py measures the same bound without any model (1-thread matmul and memory copy, alone and
+N at once). bench/breakdown.py then times each phase of a step on every rank five ways (1 process; N
+independent; N in lock-step without DDP; DDP with the all-reduce skipped; DDP), so each loss of
+efficiency has a name. The loop's per-epoch memory records (peak RSS per rank; peak CUDA memory on
+GPUs) show 1 vs N processes and any growth after the first epoch (target < 3%).
+Writes bench/results/scaling-<device>.json.
 """
 
 from __future__ import annotations
@@ -103,18 +106,50 @@ def throughput_runs(case: ImageCase, nproc: int, reps: int, extra: list[str], wo
     return runs
 
 
+BREAKDOWN_KINDS = {  # name: (label, extra breakdown.py flags); all but "one" run N processes
+    "one": ("1 process", []),
+    "independent": ("{n} independent processes, at once", []),
+    "lockstep": ("{n} processes in lock-step, no DDP", ["--no-ddp"]),
+    "ddp_no_allreduce": ("DDP, {n} processes, all-reduce skipped", ["--skip-allreduce"]),
+    "ddp": ("DDP, {n} processes", []),
+}
+
+
 def breakdown_runs(case: ImageCase, nproc: int, extra: list[str], work: Path, device: str, quick: bool) -> dict:
-    """bench/breakdown.py in 1 process and in N DDP processes: median ms per phase, per rank."""
-    warmup, steps = (1, 3) if quick else (3, 10)
+    """bench/breakdown.py five ways, median ms per phase per rank; each step down the list adds one thing.
+
+    1 process -> N independent processes: sharing the machine (no communication, phases drift apart).
+    -> N processes in lock-step, no DDP: every process in the same phase at the same moment (a barrier
+       per step), each training its own copy.
+    -> DDP with every all-reduce skipped (no_sync): DDP's own work around forward and backward.
+    -> DDP: the all-reduce, as far as it is not hidden behind the backward pass.
+    """
+    warmup, steps = (1, 3) if quick else (3, 8)
     timed = replace(case, steps=warmup + steps, epochs=1)
     out = {}
-    for name, n in (("one", 1), ("ddp", nproc)):
+    for name, (_, flags) in BREAKDOWN_KINDS.items():
         run_dir = fresh_dir(work / f"breakdown-{name}")
-        args = [f"--out={run_dir}", f"--warmup={warmup}", f"--steps={steps}",
-                *timed.project_args(run_dir, processes=n), *extra]
-        cmd = python_cmd(BREAKDOWN, args) if n == 1 else torchrun_cmd(n, BREAKDOWN, args)
-        run_job(cmd, child_env(case.threads, **gpu_env(device, "0" if n == 1 else None)), run_dir / "log.txt", 1800)
-        out[name] = [json.loads((run_dir / f"rank-{r}.json").read_text()) for r in range(n)]
+        processes = 1 if name in ("one", "independent") else nproc
+
+        def args(out_dir: Path) -> list[str]:
+            return [f"--out={out_dir}", f"--warmup={warmup}", f"--steps={steps}", *flags,
+                    *timed.project_args(out_dir, processes=processes), *extra]
+
+        if name == "one":
+            run_job(python_cmd(BREAKDOWN, args(run_dir)), child_env(case.threads, **gpu_env(device, "0")),
+                    run_dir / "log.txt", 1800)
+            files = [run_dir / "rank-0.json"]
+        elif name == "independent":
+            run_together([(python_cmd(BREAKDOWN, args(run_dir / f"job{i}")),
+                           child_env(case.threads, **gpu_env(device, str(i))), run_dir / f"log{i}.txt")
+                          for i in range(nproc)], 1800)
+            files = [run_dir / f"job{i}" / "rank-0.json" for i in range(nproc)]
+        else:
+            run_job(torchrun_cmd(nproc, BREAKDOWN, args(run_dir)), child_env(case.threads), run_dir / "log.txt", 1800)
+            files = [run_dir / f"rank-{r}.json" for r in range(nproc)]
+        out[name] = [json.loads(f.read_text()) for f in files]
+        steps_ms = " / ".join(f"{r['median_step_ms']:.0f}" for r in out[name])
+        print(f"  {name}: median step {steps_ms} ms", flush=True)
     return out
 
 
@@ -130,7 +165,7 @@ def main(argv=None) -> int:
     print(f"{case.label()}, {case.threads} thread(s) per process, {case.steps} steps x {case.epochs} epochs per "
           f"run, 1 vs {nproc} processes, {reps} repetition(s)", flush=True)
     runs = throughput_runs(case, nproc, reps, args.set, work / "runs", args.device)
-    probe = core_probe(nproc, reps, work / "probe", 2.0 if args.quick else 4.0) if args.device == "cpu" else None
+    probe = core_probe(nproc, reps, work / "probe", 1.0 if args.quick else 2.0) if args.device == "cpu" else None
     print("step-time breakdown:", flush=True)
     breakdown = breakdown_runs(case, nproc, args.set, work / "breakdown", args.device, args.quick)
     tables, summaries = report(case, nproc, reps, runs, breakdown, probe, args.device)
@@ -144,38 +179,42 @@ def main(argv=None) -> int:
 
 
 def core_probe(nproc: int, reps: int, work: Path, seconds: float) -> dict:
-    """Single-thread matmul GFLOP/s of one process alone, then of each of N processes running at once."""
-    def gflops(log: Path) -> float:
-        return json.loads(log.read_text().strip().splitlines()[-1])["gflops"]
+    """1-thread matmul GFLOP/s and copy GB/s of one process alone, then of each of N processes at once."""
+    def figures(log: Path) -> dict:
+        return json.loads(log.read_text().strip().splitlines()[-1])
 
-    def alone(run_dir: Path) -> float:
+    def alone(run_dir: Path) -> dict:
         run_job(python_cmd(CORE_PROBE, [f"--seconds={seconds}"]), child_env(1), run_dir / "log.txt", 120)
-        return gflops(run_dir / "log.txt")
+        return {"rate": figures(run_dir / "log.txt")["matmul_gflops"], **figures(run_dir / "log.txt")}
 
     def together(run_dir: Path) -> dict:
         logs = [run_dir / f"log{i}.txt" for i in range(nproc)]
         run_together([(python_cmd(CORE_PROBE, [f"--seconds={seconds}"]), child_env(1), log) for log in logs], 120)
-        per_process = [gflops(log) for log in logs]
-        return {"rate": sum(per_process), "per_process": per_process}
+        each = [figures(log) for log in logs]
+        total = {key: sum(e[key] for e in each) for key in each[0]}
+        return {"rate": total["matmul_gflops"], **total, "per_process": each}
 
-    print("core probe (1-thread matmul, no model, no communication):", flush=True)
+    print("machine probe (1-thread matmul GFLOP/s, then copy GB/s; no model, no communication):", flush=True)
     return interleaved({"alone": alone, "together": together}, reps, work, unit="GFLOP/s")
 
 
-def probe_ratio(probe: dict, nproc: int) -> float:
-    return statistics.median(t["rate"] for t in probe["together"]) / (nproc * statistics.median(probe["alone"]))
+def probe_ratios(probe: dict, nproc: int) -> dict[str, float]:
+    return {key: statistics.median(t[key] for t in probe["together"])
+            / (nproc * statistics.median(a[key] for a in probe["alone"])) for key in ("matmul_gflops", "copy_gbps")}
 
 
 def probe_table(probe: dict, nproc: int) -> str:
-    alone = summary(probe["alone"])
-    together = summary([t["rate"] for t in probe["together"]])
-    ratio = probe_ratio(probe, nproc)
+    rows = []
+    ratios = probe_ratios(probe, nproc)
+    for key, what in (("matmul_gflops", "matmul 256x256, GFLOP/s"), ("copy_gbps", "copy 128 MB, GB/s")):
+        alone = summary([a[key] for a in probe["alone"]])
+        together = summary([t[key] for t in probe["together"]])
+        rows.append([what, fmt_summary(alone), fmt_summary(together), f"{together['median'] / nproc:.1f}",
+                     f"{ratios[key]:.3f}"])
     return print_table(
-        "Machine check: 1-thread fp32 matmul (256x256), GFLOP/s; median (min-max)",
-        ["run", "total GFLOP/s", "per process", "vs N x alone"],
-        [["1 process alone", fmt_summary(alone), f"{alone['median']:.1f}", "1.000"],
-         [f"{nproc} processes at once", fmt_summary(together), f"{together['median'] / nproc:.1f}",
-          f"{ratio:.3f} = the most any {nproc}-process job can reach here"]])
+        "Machine check: one thread per process, no model, no communication; median (min-max)",
+        ["probe", "1 process alone", f"{nproc} processes at once (total)", "per process", "vs N x alone"], rows,
+        note=f"(a ratio below 1 here bounds every {nproc}-process job on this machine, DDP or not)")
 
 
 def gpu_count() -> int:
@@ -213,23 +252,27 @@ def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, 
                  "ddp_vs_independent": ddp["median"] / indep["median"], "efficiency_target": EFFICIENCY_TARGET,
                  "meets_efficiency_target": efficiency >= EFFICIENCY_TARGET, "rss_growth": growth,
                  "growth_target": GROWTH_TARGET,
-                 "core_probe_ratio": probe_ratio(probe, nproc) if probe is not None else None}
+                 "machine_probe_ratios": probe_ratios(probe, nproc) if probe is not None else None}
     return tables, summaries
 
 
 def breakdown_table(breakdown: dict, device: str) -> str:
     rows = []
     for name, ranks in breakdown.items():
-        for r in ranks:
+        for i, r in enumerate(ranks):
             m = r["median_ms"]
             bare = f"{r['allreduce_ms']:.0f}" if r["allreduce_ms"] is not None else "-"
-            rows.append([f"{r['world_size']} process(es)", r["rank"], f"{m['data']:.0f}", f"{m['forward']:.0f}",
+            rows.append([BREAKDOWN_KINDS[name][0].format(n=len(ranks)), i, f"{m['data']:.0f}", f"{m['forward']:.0f}",
                          f"{m['backward']:.0f}", f"{m['optimizer']:.0f}", f"{r['median_step_ms']:.0f}", bare])
     params = breakdown["one"][0]["parameters"]
     return print_table(
-        f"Step-time breakdown per rank ({device}; median ms per step; backward includes DDP's all-reduce; "
-        f"bare all-reduce = one all-reduce of all {params / 1e6:.1f}M gradients, fp32, nothing else running)",
-        ["run", "rank", "data wait", "forward", "backward", "optimizer", "step", "bare all-reduce"], rows)
+        f"Step-time breakdown per rank ({device}; median ms per step, one run of each kind; each row adds one thing "
+        "to the row above)",
+        ["run", "rank / job", "data wait", "forward", "backward", "optimizer", "step", "bare all-reduce"], rows,
+        note=f"(backward includes DDP's all-reduce, which overlaps it; bare all-reduce: one all-reduce of all "
+             f"{params / 1e6:.1f}M fp32 gradients with nothing else running. independent: the cost of sharing the "
+             "machine; lock-step: of all processes being in the same phase at once; all-reduce skipped: of DDP's own "
+             "work; DDP: of the all-reduce.)")
 
 
 def memory_table(runs: dict) -> tuple[str, dict]:
