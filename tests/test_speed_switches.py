@@ -141,6 +141,7 @@ def test_channels_last_gives_the_same_losses(reference: Path, tmp_path: Path):
 
 def test_compile_gives_the_same_losses(reference: Path, tmp_path: Path):
     cache = tmp_path / "inductor"
+    # One compile worker: on 2 cores a pool of compile processes only competes with itself.
     run = train(tmp_path / "run", *BIG_BATCH, "compile=true", TORCHINDUCTOR_CACHE_DIR=str(cache),
                 TORCHINDUCTOR_COMPILE_THREADS="1")
     assert losses(run) == pytest.approx(losses(reference), rel=1e-3)
@@ -163,13 +164,16 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path: Path):
 
 @needs_gpu
 def test_fp16_with_gradient_scaler_on_gpu(tmp_path: Path):
-    fp32 = train(tmp_path / "fp32", *BIG_BATCH, "mode=auto", CUDA_VISIBLE_DEVICES="0")
-    fp16 = train(tmp_path / "fp16", *BIG_BATCH, "mode=auto", "precision=fp16", CUDA_VISIBLE_DEVICES="0")
+    # 8 steps: the scaler may skip the first few while it lowers its initial scale (65536) to fit fp16.
+    gpu = [*BIG_BATCH, "mode=auto", "max_steps=8"]
+    fp32 = train(tmp_path / "fp32", *gpu, CUDA_VISIBLE_DEVICES="0")
+    fp16 = train(tmp_path / "fp16", *gpu, "precision=fp16", CUDA_VISIBLE_DEVICES="0")
     got, want = losses(fp16), losses(fp32)
-    assert all(abs(g - w) <= 0.02 * abs(w) for g, w in zip(got, want)), (got, want)
+    assert got[0] == pytest.approx(want[0], rel=1e-2)  # same initial weights, same batch
+    assert all(map(torch.isfinite, torch.tensor(got)))
     scaler = torch.load(fp16 / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["scaler"]
     assert scaler.get("scale", 0) > 0, f"the gradient scaler was not enabled: {scaler}"
-    assert max_difference(weights(fp16), initial_weights()) > 1e-3
+    assert max_difference(weights(fp16), initial_weights()) > 1e-3, "every fp16 step was skipped"
 
 
 def test_loader_switches():
