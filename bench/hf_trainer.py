@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=0.0, help="0 = no clipping (as the project's grad_clip=0)")
+    p.add_argument("--optim", default="adamw_torch",
+                   help="Trainer optimizer: adamw_torch = torch.optim.AdamW as the project builds it; "
+                        "adamw_torch_fused = the Trainer's own default")
     return p.parse_args(argv)
 
 
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
         training_args = TrainingArguments(
             output_dir=scratch, per_device_train_batch_size=args.batch, max_steps=args.steps,
             learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type="linear", warmup_steps=0,
-            optim="adamw_torch", max_grad_norm=args.grad_clip,
+            optim=args.optim, max_grad_norm=args.grad_clip,
             bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=not cuda,
             dataloader_num_workers=args.workers, dataloader_pin_memory=cuda, dataloader_drop_last=True,
             eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
