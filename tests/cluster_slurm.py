@@ -117,7 +117,10 @@ class SlurmCluster:
         self.controller = socket.gethostname().split(".")[0]  # slurmctld insists on its own short name
         self.munge_dir = self.root / "munge"
         self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # Nothing a launcher would read as "already launched" may leak from the test process into jobs.
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+        self.env = {**inherited, "SLURM_CONF": str(self.conf)}
         for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":
                 del self.env[var]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import pytest
@@ -95,6 +97,8 @@ def test_unreachable_rendezvous_fails_within_the_timeout(monkeypatch):
     import time
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # setup() exports RANK/MASTER_* for env:// : keep them out of the environment later tests inherit.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     environ = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}  # nobody there
     start = time.monotonic()
     with pytest.raises(UserError, match="could not join the process group at 127.0.0.1:9"):
@@ -118,3 +122,8 @@ def test_wrap_and_unwrap_single_and_ddp(tmp_path):
         assert unwrap(nn.DataParallel(model)) is model
     finally:
         dist.destroy_process_group()
+
+
+def test_environment_of_the_test_process_stays_clean():
+    """Guards the other tests: a leaked MASTER_PORT would send later jobs to a dead rendezvous."""
+    assert not [k for k in os.environ if k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]
