@@ -59,7 +59,8 @@ class EpochSeeded(Dataset):
         sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # The CPU generator only: torch.manual_seed also seeds every CUDA device (slow, per sample).
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             try:
                 return self.dataset[index]
