@@ -206,8 +206,10 @@ def optimizer_step(t: Trainer) -> bool:
     t.scaler.unscale_(t.optimizer)
     # After DDP's all-reduce the gradients are identical on every rank, so every rank reaches the
     # same verdict here without another collective.
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), max_norm)
+    if cfg.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), cfg.optim.grad_clip)
+    else:  # only the norm: clip_grad_norm_ would also rescale every gradient by 1.0
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in t.raw_model.parameters() if p.grad is not None])
     finite = bool(torch.isfinite(grad_norm))
     if not finite and cfg.precision != "fp16":  # with fp16 the scaler skips the step and lowers its scale
         if cfg.nonfinite_loss == "stop":
