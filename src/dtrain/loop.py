@@ -16,7 +16,7 @@ from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
-from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, no_sync, unwrap, wrap
+from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, no_sync, wrap
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.optim import build_optimizer, build_scheduler
@@ -200,8 +200,8 @@ def stop_after_save(t: Trainer) -> None:
     raise StopTraining()
 
 
-def optimizer_step(t: Trainer) -> bool:
-    """Clip, step, schedule. Returns False when the step was skipped for a non-finite gradient."""
+def optimizer_step(t: Trainer) -> None:
+    """Clip, step, schedule; a non-finite gradient stops the run or skips the step (nonfinite_loss)."""
     cfg = t.cfg
     t.scaler.unscale_(t.optimizer)
     # After DDP's all-reduce the gradients are identical on every rank, so every rank reaches the
@@ -218,12 +218,11 @@ def optimizer_step(t: Trainer) -> bool:
         t.logger.print(f"warning: non-finite gradient at step {t.state.step + 1}; step skipped")
         t.optimizer.zero_grad(set_to_none=True)
         t.scheduler.step()
-        return False
+        return
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
-    return True
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
