@@ -108,34 +108,12 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 240) -> subproce
 
 
 def run_ranks(args: list[str], world_size: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """One train.py process per rank with the env:// variables set, and no supervisor (as under srun).
+    """One train.py process per rank and no supervisor (as under srun): torchrun kills the other workers
+    when one fails, which would hide a rank left waiting at a barrier; here every rank has to finish by
+    itself before the timeout."""
+    from conftest import finish, start_ranks
 
-    torchrun kills the other workers when one fails, which would hide a rank left waiting at a
-    barrier; here every rank has to finish by itself before the timeout.
-    """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world_size):
-        env = clean_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                             "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = []
-    try:
-        for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    return finish(start_ranks(args, world_size), timeout=timeout)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

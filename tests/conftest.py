@@ -93,6 +93,42 @@ def start(cmd_args: list[str], script: str = TRAIN, nproc: int = 0,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def start_ranks(cmd_args: list[str], world_size: int = 2, **env: str) -> list[subprocess.Popen]:
+    """One `python train.py ARGS` per rank with the env:// variables set and no supervisor, as srun starts them.
+
+    Each rank's own exit code is then visible; torchrun reports only the workers that had ended when
+    it noticed the first failure, and kills the rest.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world_size):
+        rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                    "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, TRAIN, *cmd_args], cwd=ROOT, text=True,
+                                      env=subprocess_env(**rank_env, **env),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Wait for every process (killing all of them if one overruns) and collect its output."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 120, what: str = "condition"):
     """Poll `condition()` until it returns something truthy; fail if the process ends or time runs out."""
     import time

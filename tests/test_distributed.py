@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, assert_one_clear_error, logged_steps, read_metrics, run_torchrun, run_train, start,
-                      wait_until, worker_with_local_rank, write_image_folder)
+from conftest import (FAST, assert_one_clear_error, finish, logged_steps, read_metrics, run_torchrun, run_train,
+                      start_ranks, wait_until, write_image_folder)
 
 PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
 
@@ -90,17 +90,15 @@ def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_pat
     out = tmp_path / "run"
     args = [*FAST, "data.synthetic=true", "data.synthetic_train_size=4096", f"output_dir={out}", "keep_last=5",
             "resume=auto", "batch_size=2", "log_every=1"]
-    launcher = start(args, nproc=2)
+    ranks = start_ranks(args, world_size=2)  # no torchrun: it reports only the first worker to exit
     try:
-        wait_until(lambda: logged_steps(out) >= 3, launcher, what="3 logged steps")
-        worker = wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1")
-        worker.send_signal(signal.SIGTERM)  # one rank only: the other must learn of it at the same step
-        stdout, stderr = launcher.communicate(timeout=120)
+        wait_until(lambda: logged_steps(out) >= 3, ranks[0], what="3 logged steps")
+        ranks[1].send_signal(signal.SIGTERM)  # one rank only: the other must learn of it at the same step
     finally:
-        launcher.kill()
-    assert "received SIGTERM (rank" in stdout and "stopped at step" in stdout, stdout + stderr
-    stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
-    assert stderr.count("exitcode  : 3") == 2  # both workers exited with the documented code
+        rank0, rank1 = finish(ranks)
+    assert [rank0.returncode, rank1.returncode] == [3, 3], rank0.stderr + rank1.stderr  # the documented code
+    assert "received SIGTERM (rank 1)" in rank1.stdout and "stopped at step" in rank0.stdout, rank0.stdout
+    stopped = int(rank0.stdout.split("stopped at step ")[1].split(":")[0])
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", f"step_{stopped:08d}.pt"}
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert last["state"]["step"] == stopped and len(last["rng"]) == 2
