@@ -67,7 +67,8 @@ def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_
     task = build_task(cfg, env)
     raw_model = task.model.to(env.device)
     optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
-    train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env)
+    train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
+                                            task.random_samples)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if not no_ddp:
         model = dist.wrap(model, env, cfg.ddp)

@@ -78,6 +78,27 @@ def test_sample_augmentation_depends_only_on_epoch_and_index():
     assert seeded[(1, 0)] != first[0]  # a new epoch draws new augmentation
 
 
+def test_datasets_without_randomness_are_fetched_a_batch_at_a_time_and_unseeded():
+    class Rows(Dataset):
+        calls: list = []
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"x": i}
+
+        def __getitems__(self, indices):
+            self.calls.append(list(indices))
+            return [{"x": i} for i in indices]
+
+    keys = [(3, 5), (3, 0), (3, 2)]
+    plain = EpochSeeded(Rows(), seed=1, random_samples=False)
+    assert plain.__getitems__(keys) == [{"x": 5}, {"x": 0}, {"x": 2}] and Rows.calls == [[5, 0, 2]]
+    augmented = EpochSeeded(Rows(), seed=1)  # a random dataset keeps its per-sample seeds
+    assert augmented.__getitems__(keys) == [{"x": 5}, {"x": 0}, {"x": 2}] and Rows.calls == [[5, 0, 2]]
+
+
 class Recording(Dataset):
     """Records which index each training epoch asks for."""
 

@@ -46,16 +46,23 @@ class ResumableSampler(DistributedSampler):
 
 
 class EpochSeeded(Dataset):
-    """Item (epoch, i) is dataset[i] computed under a seed of its own, then the RNGs are put back."""
+    """Item (epoch, i) is dataset[i] computed under a seed of its own, then the RNGs are put back.
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    With random_samples=False (a dataset that draws no random numbers, e.g. pre-tokenized text) there is
+    nothing to seed: a batch is fetched in one call when the dataset can (``__getitems__``, as
+    Hugging Face datasets do: one Arrow read instead of one per row).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, random_samples: bool = True):
+        self.dataset, self.seed, self.random_samples = dataset, seed, random_samples
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
+        if not self.random_samples:
+            return self.dataset[index]
         sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
@@ -66,6 +73,13 @@ class EpochSeeded(Dataset):
                 return self.dataset[index]
             finally:
                 random.setstate(python_state)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """The DataLoader's batched fetch."""
+        fetch_batch = getattr(self.dataset, "__getitems__", None)
+        if self.random_samples or fetch_batch is None:
+            return [self[key] for key in keys]
+        return fetch_batch([index for _, index in keys])
 
 
 class ShardSampler(Sampler[int]):
@@ -81,8 +95,8 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, env: DistEnv
-                 ) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, env: DistEnv,
+                 random_samples: bool = True) -> tuple[DataLoader, ResumableSampler, DataLoader]:
     workers = cfg.num_workers
     common = dict(
         num_workers=workers,
@@ -92,7 +106,7 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    seeded = EpochSeeded(train_set, cfg.seed)
+    seeded = EpochSeeded(train_set, cfg.seed, random_samples)
     sampler = ResumableSampler(seeded, env, seed=cfg.seed)
     train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,

@@ -81,7 +81,8 @@ def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     task = build_task(cfg, env)
     raw_model = task.model.to(env.device)
     optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
-    train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env)
+    train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
+                                                     task.random_samples)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "

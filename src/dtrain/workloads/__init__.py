@@ -28,6 +28,9 @@ class Task:
     # -> metrics; must include "loss", "accuracy" and "samples"
     summarize: Callable[[dict[str, float]], dict[str, float]]
     collate_fn: Callable | None = None
+    # whether a training sample draws random numbers (augmentation); if so each one is drawn
+    # under a seed of its own (data.EpochSeeded), else batches are fetched without seeding
+    random_samples: bool = True
     # what a checkpoint must agree with to be loaded into this model (e.g. arch, num_classes)
     identity: dict[str, Any] = field(default_factory=dict)
     # called once at the end with the trained plain model (e.g. save_pretrained); rank 0 only

@@ -92,6 +92,7 @@ def build(cfg: Config, env: DistEnv) -> Task:
         eval_sums=eval_sums,
         summarize=make_summarize(data.labels.names, multi),
         collate_fn=make_collate(tokenizer, env.device),
+        random_samples=False,  # tokenized once, before training
         identity={"workload": "bert", "model_type": hf_config.model_type, "problem_type": model_cfg.problem_type,
                   "num_labels": num_labels, "labels": list(data.labels.names)},
         export=export if model_cfg.export_pretrained else None,

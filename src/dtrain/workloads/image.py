@@ -77,6 +77,7 @@ def build(cfg: Config, env) -> Task:
         eval_sums=eval_sums,
         summarize=summarize,
         collate_fn=collate_skipping_bad,
+        random_samples=not data.synthetic,  # synthetic images are fixed by their index; folders are augmented
         identity={"workload": "image", "arch": cfg.model.arch, "num_classes": num_classes},
     )
 
