@@ -99,7 +99,7 @@ def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf"))  # the loop's finiteness check
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=dist.grads_to_none(model, cfg.ddp))  # as the loop does
         sync()
         t4 = time.perf_counter()
         if step >= warmup:

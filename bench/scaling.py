@@ -115,8 +115,10 @@ BREAKDOWN_KINDS = {  # name: (label, extra breakdown.py flags); all but "one" ru
 }
 
 
-def breakdown_runs(case: ImageCase, nproc: int, extra: list[str], work: Path, device: str, quick: bool) -> dict:
-    """bench/breakdown.py five ways, median ms per phase per rank; each step down the list adds one thing.
+def breakdown_runs(case: ImageCase, nproc: int, reps: int, extra: list[str], work: Path, device: str,
+                   quick: bool) -> dict:
+    """bench/breakdown.py five ways, repeated and interleaved; per rank, the median over repetitions of
+    each run's median ms per phase. Each step down the list adds one thing:
 
     1 process -> N independent processes: sharing the machine (no communication, phases drift apart).
     -> N processes in lock-step, no DDP: every process in the same phase at the same moment (a barrier
@@ -126,31 +128,50 @@ def breakdown_runs(case: ImageCase, nproc: int, extra: list[str], work: Path, de
     """
     warmup, steps = (1, 3) if quick else (3, 8)
     timed = replace(case, steps=warmup + steps, epochs=1)
-    out = {}
-    for name, (_, flags) in BREAKDOWN_KINDS.items():
-        run_dir = fresh_dir(work / f"breakdown-{name}")
-        processes = 1 if name in ("one", "independent") else nproc
+    raw: dict[str, list[list[dict]]] = {name: [] for name in BREAKDOWN_KINDS}
+    for rep in range(reps):
+        for name, (_, flags) in BREAKDOWN_KINDS.items():
+            raw[name].append(breakdown_once(name, flags, timed, nproc, warmup, steps, extra,
+                                            fresh_dir(work / f"{name}-{rep}"), device))
+            steps_ms = " / ".join(f"{r['median_step_ms']:.0f}" for r in raw[name][-1])
+            print(f"  rep {rep + 1}/{reps} {name}: median step {steps_ms} ms", flush=True)
+    return {name: [median_of_runs([run[rank] for run in runs]) for rank in range(len(runs[0]))]
+            for name, runs in raw.items()}
 
-        def args(out_dir: Path) -> list[str]:
-            return [f"--out={out_dir}", f"--warmup={warmup}", f"--steps={steps}", *flags,
-                    *timed.project_args(out_dir, processes=processes), *extra]
 
-        if name == "one":
-            run_job(python_cmd(BREAKDOWN, args(run_dir)), child_env(case.threads, **gpu_env(device, "0")),
-                    run_dir / "log.txt", 1800)
-            files = [run_dir / "rank-0.json"]
-        elif name == "independent":
-            run_together([(python_cmd(BREAKDOWN, args(run_dir / f"job{i}")),
-                           child_env(case.threads, **gpu_env(device, str(i))), run_dir / f"log{i}.txt")
-                          for i in range(nproc)], 1800)
-            files = [run_dir / f"job{i}" / "rank-0.json" for i in range(nproc)]
-        else:
-            run_job(torchrun_cmd(nproc, BREAKDOWN, args(run_dir)), child_env(case.threads), run_dir / "log.txt", 1800)
-            files = [run_dir / f"rank-{r}.json" for r in range(nproc)]
-        out[name] = [json.loads(f.read_text()) for f in files]
-        steps_ms = " / ".join(f"{r['median_step_ms']:.0f}" for r in out[name])
-        print(f"  {name}: median step {steps_ms} ms", flush=True)
-    return out
+def breakdown_once(name: str, flags: list[str], timed: ImageCase, nproc: int, warmup: int, steps: int,
+                   extra: list[str], run_dir: Path, device: str) -> list[dict]:
+    """One breakdown.py run of one kind; the per-rank (or per-job) results."""
+    processes = 1 if name in ("one", "independent") else nproc
+
+    def args(out_dir: Path) -> list[str]:
+        return [f"--out={out_dir}", f"--warmup={warmup}", f"--steps={steps}", *flags,
+                *timed.project_args(out_dir, processes=processes), *extra]
+
+    if name == "one":
+        run_job(python_cmd(BREAKDOWN, args(run_dir)), child_env(timed.threads, **gpu_env(device, "0")),
+                run_dir / "log.txt", 1800)
+        files = [run_dir / "rank-0.json"]
+    elif name == "independent":
+        run_together([(python_cmd(BREAKDOWN, args(run_dir / f"job{i}")),
+                       child_env(timed.threads, **gpu_env(device, str(i))), run_dir / f"log{i}.txt")
+                      for i in range(nproc)], 1800)
+        files = [run_dir / f"job{i}" / "rank-0.json" for i in range(nproc)]
+    else:
+        run_job(torchrun_cmd(nproc, BREAKDOWN, args(run_dir)), child_env(timed.threads), run_dir / "log.txt", 1800)
+        files = [run_dir / f"rank-{r}.json" for r in range(nproc)]
+    return [json.loads(f.read_text()) for f in files]
+
+
+def median_of_runs(runs: list[dict]) -> dict:
+    """One rank's breakdown over repetitions: the median of each figure (the raw runs are kept)."""
+    bare = [r["allreduce_ms"] for r in runs if r["allreduce_ms"] is not None]
+    return {"parameters": runs[0]["parameters"],
+            "median_ms": {phase: statistics.median(r["median_ms"][phase] for r in runs)
+                          for phase in runs[0]["median_ms"]},
+            "median_step_ms": statistics.median(r["median_step_ms"] for r in runs),
+            "allreduce_ms": statistics.median(bare) if bare else None,
+            "runs": runs}
 
 
 def main(argv=None) -> int:
@@ -167,7 +188,7 @@ def main(argv=None) -> int:
     runs = throughput_runs(case, nproc, reps, args.set, work / "runs", args.device)
     probe = core_probe(nproc, reps, work / "probe", 1.0 if args.quick else 2.0) if args.device == "cpu" else None
     print("step-time breakdown:", flush=True)
-    breakdown = breakdown_runs(case, nproc, args.set, work / "breakdown", args.device, args.quick)
+    breakdown = breakdown_runs(case, nproc, reps, args.set, work / "breakdown", args.device, args.quick)
     tables, summaries = report(case, nproc, reps, runs, breakdown, probe, args.device)
     payload = {"benchmark": "scaling", "device": args.device, "quick": args.quick, "reps": reps, "nproc": nproc,
                "machine": machine_info(), "settings": case.label(), "case": case.__dict__, "extra_overrides": args.set,
@@ -230,6 +251,7 @@ def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, 
     efficiency = ddp["median"] / (nproc * one["median"])
     machine_bound = indep["median"] / (nproc * one["median"])
     paired = summary([d / (nproc * o) for d, o in zip(rates["ddp"], rates["one"])])
+    step_ratios = breakdown_ratios(breakdown)
     unit = "img/s"
     tables = [print_table(
         f"Weak scaling ({device}; {case.label()}, {case.threads} thread(s) per process; median (min-max) of {reps} "
@@ -241,10 +263,12 @@ def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, 
          [f"{nproc} independent jobs at once", nproc, f"{fmt_summary(indep)} {unit}", f"{indep['median'] / nproc:.1f}",
           f"{machine_bound:.3f} = what the machine allows without any communication"]],
         note=f"DDP / independent jobs = {ddp['median'] / indep['median']:.3f} (the cost of DDP itself); "
-             f"efficiency per repetition: {fmt_summary(paired, 3)}")]
+             f"efficiency per repetition: {fmt_summary(paired, 3)}\n"
+             "from the step-time breakdown below, 1-process step / slowest rank's step: "
+             + "; ".join(f"{BREAKDOWN_KINDS[k][0].format(n=nproc)} {v:.3f}" for k, v in step_ratios.items()))]
     if probe is not None:
         tables.append(probe_table(probe, nproc))
-    tables.append(breakdown_table(breakdown, device))
+    tables.append(breakdown_table(breakdown, device, reps))
     memory_rows, growth = memory_table(runs)
     tables.append(memory_rows)
     summaries = {"one": one, "ddp": ddp, "independent": indep, "weak_scaling_efficiency": efficiency,
@@ -252,11 +276,18 @@ def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, 
                  "ddp_vs_independent": ddp["median"] / indep["median"], "efficiency_target": EFFICIENCY_TARGET,
                  "meets_efficiency_target": efficiency >= EFFICIENCY_TARGET, "rss_growth": growth,
                  "growth_target": GROWTH_TARGET,
+                 "breakdown_step_ratios": step_ratios,
                  "machine_probe_ratios": probe_ratios(probe, nproc) if probe is not None else None}
     return tables, summaries
 
 
-def breakdown_table(breakdown: dict, device: str) -> str:
+def breakdown_ratios(breakdown: dict) -> dict[str, float]:
+    """Step time of 1 process over that of the slowest rank, per kind: the efficiency each kind allows."""
+    one = breakdown["one"][0]["median_step_ms"]
+    return {name: one / max(r["median_step_ms"] for r in ranks) for name, ranks in breakdown.items() if name != "one"}
+
+
+def breakdown_table(breakdown: dict, device: str, reps: int) -> str:
     rows = []
     for name, ranks in breakdown.items():
         for i, r in enumerate(ranks):
@@ -266,8 +297,8 @@ def breakdown_table(breakdown: dict, device: str) -> str:
                          f"{m['backward']:.0f}", f"{m['optimizer']:.0f}", f"{r['median_step_ms']:.0f}", bare])
     params = breakdown["one"][0]["parameters"]
     return print_table(
-        f"Step-time breakdown per rank ({device}; median ms per step, one run of each kind; each row adds one thing "
-        "to the row above)",
+        f"Step-time breakdown per rank ({device}; median ms per step, median of {reps} interleaved run(s) of each "
+        "kind; each row adds one thing to the row above)",
         ["run", "rank / job", "data wait", "forward", "backward", "optimizer", "step", "bare all-reduce"], rows,
         note=f"(backward includes DDP's all-reduce, which overlaps it; bare all-reduce: one all-reduce of all "
              f"{params / 1e6:.1f}M fp32 gradients with nothing else running. independent: the cost of sharing the "

@@ -11,7 +11,8 @@ from torch import nn
 
 from dtrain import dist as dtrain_dist
 from dtrain.config import load_config
-from dtrain.dist import DistEnv, first_host, read_launch, setup, slurm_port, threads_per_process, unwrap, wrap
+from dtrain.dist import (DistEnv, first_host, grads_to_none, read_launch, setup, slurm_port, threads_per_process,
+                         unwrap, wrap)
 from dtrain.errors import UserError
 
 TORCHRUN_ENV = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
@@ -120,6 +121,29 @@ def test_wrap_and_unwrap_single_and_ddp(tmp_path):
         assert set(unwrap(wrapped).state_dict()) == set(model.state_dict())  # no "module." prefix
         assert all(k.startswith("module.") for k in wrapped.state_dict())
         assert unwrap(nn.DataParallel(model)) is model
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_stay_views_of_the_all_reduce_buckets_between_steps(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    cfg = load_config(None, [])
+    assert grads_to_none(model, cfg.ddp)  # a plain model: None is cheapest
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        wrapped = wrap(model, DistEnv(mode="ddp", device=torch.device("cpu"), backend="gloo"), cfg.ddp)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):  # DDP rebuilds its buckets once, after the first step
+            wrapped(torch.randn(5, 4)).sum().backward()
+            in_bucket = [p.grad.data_ptr() for p in model.parameters()]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=grads_to_none(wrapped, cfg.ddp))
+            # Zeroed in place, still the bucket's memory: the next backward allocates and copies nothing.
+            assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+            assert [p.grad.data_ptr() for p in model.parameters()] == in_bucket
+        unused = load_config(None, ["ddp.find_unused_parameters=true"]).ddp
+        assert grads_to_none(wrapped, unused) and grads_to_none(wrapped, load_config(
+            None, ["ddp.gradient_as_bucket_view=false"]).ddp)
     finally:
         dist.destroy_process_group()
 

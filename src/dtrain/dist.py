@@ -287,6 +287,19 @@ def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def grads_to_none(model: nn.Module, ddp_cfg: DDPConfig) -> bool:
+    """What zero_grad(set_to_none=...) should do between steps for this wrapping.
+
+    With gradient_as_bucket_view each .grad is a view into DDP's all-reduce bucket, so zeroing it
+    in place is free of allocations. Set to None, the next backward allocates a fresh gradient and
+    DDP copies it into the bucket, every step (the copy the option exists to avoid). Elsewhere None
+    is cheaper: nothing to zero. (With find_unused_parameters, None keeps unused parameters out of
+    the optimizer step.)
+    """
+    keeps_bucket_views = ddp_cfg.gradient_as_bucket_view and not ddp_cfg.find_unused_parameters
+    return not (isinstance(model, nn.parallel.DistributedDataParallel) and keeps_bucket_views)
+
+
 # ---------------------------------------------------------------------------------------------
 # Collectives (no-ops outside DDP)
 

@@ -16,7 +16,7 @@ from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
-from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, no_sync, wrap
+from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, grads_to_none, no_sync, wrap
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.optim import build_optimizer, build_scheduler
@@ -43,6 +43,7 @@ class Trainer:
     state: TrainState
     logger: RunLogger
     stop: StopRequest
+    grads_to_none: bool  # zero_grad(set_to_none=...): see dist.grads_to_none
 
 
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
@@ -106,7 +107,7 @@ def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     model = wrap(raw_for_wrap, env, cfg.ddp)
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
     return Trainer(cfg, env, task, model, raw_model, optimizer, scheduler, scaler, train_loader, sampler,
-                   val_loader, steps_per_epoch, state, logger, stop)
+                   val_loader, steps_per_epoch, state, logger, stop, grads_to_none(model, cfg.ddp))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -217,12 +218,12 @@ def optimizer_step(t: Trainer) -> None:
             raise UserError(f"non-finite loss or gradient at step {t.state.step + 1} (epoch {t.state.epoch}): "
                             "lower optim.lr, check the data, or set nonfinite_loss=skip")
         t.logger.print(f"warning: non-finite gradient at step {t.state.step + 1}; step skipped")
-        t.optimizer.zero_grad(set_to_none=True)
+        t.optimizer.zero_grad(set_to_none=t.grads_to_none)
         t.scheduler.step()
         return
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    t.optimizer.zero_grad(set_to_none=True)
+    t.optimizer.zero_grad(set_to_none=t.grads_to_none)
     t.scheduler.step()
 
 
