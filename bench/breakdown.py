@@ -87,16 +87,18 @@ def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_
         batch = to_device(next(batches), env.device)
         sync()
         t1 = time.perf_counter()
-        with autocast:
-            loss = task.train_loss(model, batch)
-        sync()
-        t2 = time.perf_counter()
+        # no_sync has to cover the forward pass too: DDP's forward prepares the backward all-reduce.
         with dist.no_sync(model, skip=skip_allreduce):
+            with autocast:
+                loss = task.train_loss(model, batch)
+            sync()
+            t2 = time.perf_counter()
             scaler.scale(loss).backward()
-        sync()
+            sync()
         t3 = time.perf_counter()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf"))  # the loop's finiteness check
+        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+        bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))  # the loop's finiteness check (grad_clip=0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=dist.grads_to_none(model, cfg.ddp))  # as the loop does
