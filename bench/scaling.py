@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--nproc", type=int, default=0, help="processes of the DDP run (default: 2 on CPU, all GPUs)")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default 3; --quick 1)")
+    p.add_argument("--breakdown-reps", type=int, default=0,
+                   help="repetitions of the step breakdown (default 2, keeping make bench under 20 min; --quick 1)")
     p.add_argument("--threads", type=int, default=0, help="threads per process (default: 1 on CPU)")
     p.add_argument("--image-size", type=int, default=0)
     p.add_argument("--epochs", type=int, default=0, help="epochs per run, for the memory figures (default 4)")
@@ -188,8 +190,9 @@ def main(argv=None) -> int:
     runs = throughput_runs(case, nproc, reps, args.set, work / "runs", args.device)
     probe = core_probe(nproc, reps, work / "probe", 1.0 if args.quick else 2.0) if args.device == "cpu" else None
     print("step-time breakdown:", flush=True)
-    breakdown = breakdown_runs(case, nproc, reps, args.set, work / "breakdown", args.device, args.quick)
-    tables, summaries = report(case, nproc, reps, runs, breakdown, probe, args.device)
+    breakdown_reps = args.breakdown_reps or (1 if args.quick else 2)
+    breakdown = breakdown_runs(case, nproc, breakdown_reps, args.set, work / "breakdown", args.device, args.quick)
+    tables, summaries = report(case, nproc, reps, breakdown_reps, runs, breakdown, probe, args.device)
     payload = {"benchmark": "scaling", "device": args.device, "quick": args.quick, "reps": reps, "nproc": nproc,
                "machine": machine_info(), "settings": case.label(), "case": case.__dict__, "extra_overrides": args.set,
                **summaries, "runs": runs, "breakdown": breakdown, "core_probe": probe, "table": "\n".join(tables),
@@ -244,8 +247,8 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, probe: dict | None,
-           device: str) -> tuple[list, dict]:
+def report(case: ImageCase, nproc: int, reps: int, breakdown_reps: int, runs: dict, breakdown: dict,
+           probe: dict | None, device: str) -> tuple[list, dict]:
     rates = {kind: [r["rate"] for r in runs[kind]] for kind in runs}
     one, ddp, indep = (summary(rates[k]) for k in ("one", "ddp", "independent"))
     efficiency = ddp["median"] / (nproc * one["median"])
@@ -268,7 +271,7 @@ def report(case: ImageCase, nproc: int, reps: int, runs: dict, breakdown: dict, 
              + "; ".join(f"{BREAKDOWN_KINDS[k][0].format(n=nproc)} {v:.3f}" for k, v in step_ratios.items()))]
     if probe is not None:
         tables.append(probe_table(probe, nproc))
-    tables.append(breakdown_table(breakdown, device, reps))
+    tables.append(breakdown_table(breakdown, device, breakdown_reps))
     memory_rows, growth = memory_table(runs)
     tables.append(memory_rows)
     summaries = {"one": one, "ddp": ddp, "independent": indep, "weak_scaling_efficiency": efficiency,

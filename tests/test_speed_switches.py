@@ -150,6 +150,19 @@ def test_compile_gives_the_same_losses(reference: Path, tmp_path: Path):
     assert not any(k.startswith("_orig_mod.") for k in weights(run)), "checkpoint holds the compiled wrapper"
 
 
+def test_fused_optimizers_train_like_the_default_ones(reference: Path, tmp_path: Path):
+    from dtrain.config import load_config
+    from dtrain.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    for name in ("sgd", "adamw"):
+        assert build_optimizer(model, load_config(None, [f"optim.name={name}", "optim.fused=true"]).optim
+                               ).defaults["fused"] is True
+    run = train(tmp_path, *BIG_BATCH, "optim.fused=true")
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-4)
+    assert max_difference(weights(run), weights(reference)) < 1e-4
+
+
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(reference: Path, tmp_path: Path):
     run = train(tmp_path, *BIG_BATCH, "precision=bf16")
     got, want = losses(run), losses(reference)

@@ -42,6 +42,7 @@ class OptimConfig:
     gamma: float = opt(0.1, "schedule=step: decay factor")
     min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
+    fused: bool = opt(False, "fused optimizer step: one kernel over all parameters (faster on GPUs and on CPUs)")
 
 
 @dataclass

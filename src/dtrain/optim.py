@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dtrain.config import OptimConfig
+from dtrain.errors import UserError
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
@@ -22,9 +23,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
         (no_decay if is_no_decay(name, p) and not cfg.decay_norm_and_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    fused = True if cfg.fused else None  # None: torch picks its default (foreach)
+    try:
+        if cfg.name == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    except RuntimeError as e:  # e.g. parameters on a device without fused kernels
+        raise UserError(f"optim.fused=true is not available here ({str(e).splitlines()[0]}); "
+                        "set optim.fused=false") from None
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> float:
