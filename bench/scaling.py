@@ -209,7 +209,8 @@ def core_probe(nproc: int, reps: int, work: Path, seconds: float) -> dict:
 
     def alone(run_dir: Path) -> dict:
         run_job(python_cmd(CORE_PROBE, [f"--seconds={seconds}"]), child_env(1), run_dir / "log.txt", 120)
-        return {"rate": figures(run_dir / "log.txt")["matmul_gflops"], **figures(run_dir / "log.txt")}
+        measured = figures(run_dir / "log.txt")
+        return {"rate": measured["matmul_gflops"], **measured}
 
     def together(run_dir: Path) -> dict:
         logs = [run_dir / f"log{i}.txt" for i in range(nproc)]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import finish, start_ranks, without_launcher_vars
+
 REPO = Path(__file__).resolve().parents[1]
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
@@ -90,11 +92,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def clean_env() -> dict[str, str]:
     """The test's environment without launcher variables (a test may itself run under torchrun or srun)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
-           ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**without_launcher_vars(os.environ), "PYTHONUNBUFFERED": "1"}
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -111,8 +109,6 @@ def run_ranks(args: list[str], world_size: int = 2, timeout: float = 120) -> lis
     """One train.py process per rank and no supervisor (as under srun): torchrun kills the other workers
     when one fails, which would hide a rank left waiting at a barrier; here every rank has to finish by
     itself before the timeout."""
-    from conftest import finish, start_ranks
-
     return finish(start_ranks(args, world_size), timeout=timeout)
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from cluster_netns import BRIDGE_ADDR, Host
+from conftest import free_port, without_launcher_vars
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "sinfo")
 # Pids and directory of the running test cluster: a session killed outright (SIGKILL, OOM) leaves
@@ -43,12 +44,6 @@ def unavailable_reason() -> str | None:
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # cred_expire: a requeued job may start again only after its old credentials expired (default
@@ -118,9 +113,7 @@ class SlurmCluster:
         self.munge_dir = self.root / "munge"
         self.conf = self.root / "slurm.conf"
         # Nothing a launcher would read as "already launched" may leak from the test process into jobs.
-        inherited = {k: v for k, v in os.environ.items()
-                     if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
-        self.env = {**inherited, "SLURM_CONF": str(self.conf)}
+        self.env = {**without_launcher_vars(os.environ), "SLURM_CONF": str(self.conf)}
         for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if var != "SLURM_CONF":
                 del self.env[var]

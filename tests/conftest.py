@@ -19,11 +19,27 @@ FAST = ["workload=image", "model.arch=squeezenet1_1", "model.dropout=0", "data.i
         "optim.lr=0.01", "optim.warmup_steps=0", "timeout_s=60"]
 
 
+# What torchrun or srun set: a job that inherited them would think it was already launched.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_", "SLURM_",
+                 "TORCHELASTIC")
+
+
+def without_launcher_vars(environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if not k.startswith(LAUNCHER_VARS)}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+    env = without_launcher_vars(os.environ)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
     return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def run_train(args: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
@@ -99,11 +115,7 @@ def start_ranks(cmd_args: list[str], world_size: int = 2, **env: str) -> list[su
     Each rank's own exit code is then visible; torchrun reports only the workers that had ended when
     it noticed the first failure, and kills the rest.
     """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(world_size):
         rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
