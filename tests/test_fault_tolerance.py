@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (FAST, assert_one_clear_error, logged_steps, read_metrics, run_torchrun, run_train, start,
@@ -86,6 +87,23 @@ def test_nonfinite_loss_stops_with_a_clear_error_or_skips(tiny_images, tmp_path)
     proc = run_train([*args, f"output_dir={tmp_path / 'skip'}", "nonfinite_loss=skip"])
     assert proc.returncode == 0, proc.stderr
     assert "step skipped" in proc.stdout
+
+
+def test_a_nonfinite_step_read_later_is_still_named_exactly():
+    # On GPUs the loop reads the record only at log steps, checkpoints and epoch ends (no host sync
+    # per step); the error must still name the first bad step, not the step where it was read.
+    from dtrain.errors import UserError
+    from dtrain.loop import NonfiniteWatch
+
+    watch = NonfiniteWatch(torch.device("cpu"))
+    assert not watch.deferred  # on the CPU nothing runs ahead: the loop reads it after every step
+    for step, norm in enumerate([1.0, 3.0], start=1):
+        watch.record(torch.tensor(norm), step)
+    watch.raise_if_seen(epoch=0)  # all finite: nothing to say
+    for step, norm in enumerate([float("inf"), 2.0, float("nan")], start=3):
+        watch.record(torch.tensor(norm), step)
+    with pytest.raises(UserError, match=r"at step 3 \(epoch 1\)"):
+        watch.raise_if_seen(epoch=1)
 
 
 def test_second_signal_exits_at_once_even_while_saving(tmp_path):

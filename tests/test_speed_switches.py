@@ -17,9 +17,11 @@ import torch
 from conftest import FAST, assert_one_clear_error, read_metrics, run_torchrun, run_train
 
 STEPS = 3
-# 48 images: 6 steps of 8 per epoch, so STEPS steps stay inside the first epoch.
+# 48 images: 6 steps of 8 per epoch, so STEPS steps stay inside the first epoch. On the CPU even
+# where a GPU exists: the comparisons hold to float32 rounding, and cuDNN's default TF32
+# convolutions differ by ~1e-4 between batch sizes (seen on an H100).
 SYNTHETIC = [*FAST, "data.synthetic=true", "data.synthetic_train_size=48", "data.synthetic_val_size=8",
-             f"max_steps={STEPS}", "optim.schedule=constant"]
+             f"max_steps={STEPS}", "optim.schedule=constant", "mode=cpu"]
 BIG_BATCH = ["batch_size=8"]
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -136,7 +136,8 @@ class Config:
     log_every: int = opt(20, "log train metrics every N optimizer steps")
     progress: bool = opt(True, "rank-0 progress bar when stderr is a terminal (plain lines otherwise)")
     timeout_s: float = opt(600.0, "collective/rendezvous timeout in seconds: a dead peer fails the job after this")
-    nonfinite_loss: Literal["stop", "skip"] = opt("stop", "non-finite loss: stop with an error, or skip the step")
+    nonfinite_loss: Literal["stop", "skip"] = opt(
+        "stop", "non-finite loss: stop with an error, or skip the step (skip waits for the GPU every step)")
     stop_signals: list[str] = opt(["SIGTERM", "SIGUSR1"],
                                   "signals that make all ranks stop at the same step, save, and exit with code 3")
     requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`")

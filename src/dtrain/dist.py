@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -37,6 +37,8 @@ class DistEnv:
     local_world_size: int = 1
     node_rank: int = 0
     backend: str = ""  # process-group backend under DDP
+    # Gloo group for host-side flags (see any_rank); None means the default group, already Gloo on CPUs.
+    host_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -197,13 +199,15 @@ def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout,
                                 device_id=device if backend == "nccl" else None,
                                 **_rendezvous(launch, timeout, os.environ))
+        # NCCL all-reduces device tensors, so reading a flag back would make the CPU wait for the GPU.
+        host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
         raise UserError(f"could not join the process group at {launch.master_addr}:{launch.master_port} "
                         f"as rank {launch.rank}/{launch.world_size} (timeout_s={cfg.timeout_s:g}): "
                         f"{str(e).splitlines()[0]}", all_ranks=False) from None
     return DistEnv(mode="ddp", device=device, rank=launch.rank, local_rank=launch.local_rank,
                    world_size=launch.world_size, local_world_size=launch.local_world_size,
-                   node_rank=launch.node_rank, backend=backend)
+                   node_rank=launch.node_rank, backend=backend, host_group=host_group)
 
 
 def _rendezvous(launch: Launch, timeout: datetime.timedelta, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -310,10 +314,17 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is True on any rank.
+
+    A CPU tensor on a Gloo group: with NCCL the flag would go through the GPU's stream, and reading
+    the result would make the CPU wait for all queued GPU work every time it is asked.
+    """
+    if not env.distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=env.host_group)
+    return bool(tensor.item())
 
 
 def barrier(env: DistEnv) -> None:

@@ -44,6 +44,32 @@ class Trainer:
     logger: RunLogger
     stop: StopRequest
     grads_to_none: bool  # zero_grad(set_to_none=...): see dist.grads_to_none
+    nonfinite: "NonfiniteWatch"
+
+
+class NonfiniteWatch:
+    """The first optimizer step whose gradient norm was not finite, recorded on the device.
+
+    Asking `bool(isfinite(norm))` after every step would make the CPU wait for the GPU each time,
+    so it could not queue the next step's kernels while this one runs. The record is read where
+    the loop waits anyway: at log steps, before a checkpoint and at the end of an epoch (and after
+    every step on the CPU, where nothing runs ahead). Steps taken after a bad one are thrown away
+    with the run: it stops with an error and saves nothing.
+    """
+
+    def __init__(self, device: torch.device):
+        self.deferred = device.type == "cuda"
+        self.first_bad = torch.tensor(-1, dtype=torch.int64, device=device)
+
+    def record(self, grad_norm: torch.Tensor, step: int) -> None:
+        newly_bad = torch.logical_and(~torch.isfinite(grad_norm), self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, step, self.first_bad)
+
+    def raise_if_seen(self, epoch: int) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise UserError(f"non-finite loss or gradient at step {step} (epoch {epoch}): "
+                            "lower optim.lr, check the data, or set nonfinite_loss=skip")
 
 
 def run(cfg: Config, env: DistEnv) -> dict[str, float]:
@@ -107,7 +133,8 @@ def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     model = wrap(raw_for_wrap, env, cfg.ddp)
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
     return Trainer(cfg, env, task, model, raw_model, optimizer, scheduler, scaler, train_loader, sampler,
-                   val_loader, steps_per_epoch, state, logger, stop, grads_to_none(model, cfg.ddp))
+                   val_loader, steps_per_epoch, state, logger, stop, grads_to_none(model, cfg.ddp),
+                   NonfiniteWatch(env.device))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -176,6 +203,8 @@ def train_one_epoch(t: Trainer) -> None:
         state.samples_in_epoch += samples_per_step
         speed.samples += samples_per_step
         t.logger.step_done()
+        if state.step % cfg.log_every == 0 or not t.nonfinite.deferred:
+            t.nonfinite.raise_if_seen(state.epoch)
         if state.step % cfg.log_every == 0:
             log_train(t, loss_sum, speed)
         if reached_max_steps(t):
@@ -188,6 +217,7 @@ def train_one_epoch(t: Trainer) -> None:
     else:  # the epoch ran to its end
         state.epoch += 1
         state.samples_in_epoch = 0
+    t.nonfinite.raise_if_seen(last_trained_epoch(state))  # before evaluating what a bad step reached
     t.logger.end_epoch()
 
 
@@ -212,11 +242,11 @@ def optimizer_step(t: Trainer) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), cfg.optim.grad_clip)
     else:  # only the norm: clip_grad_norm_ would also rescale every gradient by 1.0
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in t.raw_model.parameters() if p.grad is not None])
-    finite = bool(torch.isfinite(grad_norm))
-    if not finite and cfg.precision != "fp16":  # with fp16 the scaler skips the step and lowers its scale
-        if cfg.nonfinite_loss == "stop":
-            raise UserError(f"non-finite loss or gradient at step {t.state.step + 1} (epoch {t.state.epoch}): "
-                            "lower optim.lr, check the data, or set nonfinite_loss=skip")
+    if cfg.precision == "fp16":
+        pass  # the scaler skips a non-finite step itself and lowers its scale
+    elif cfg.nonfinite_loss == "stop":
+        t.nonfinite.record(grad_norm, t.state.step + 1)  # read later: see NonfiniteWatch
+    elif not bool(torch.isfinite(grad_norm)):  # skipping must be decided now: a host sync per step on GPUs
         t.logger.print(f"warning: non-finite gradient at step {t.state.step + 1}; step skipped")
         t.optimizer.zero_grad(set_to_none=t.grads_to_none)
         t.scheduler.step()
@@ -300,6 +330,7 @@ def evaluate_and_log(t: Trainer) -> dict[str, float]:
 
 def save(t: Trainer, accuracy: float | None) -> None:
     """All ranks call this; rank 0 writes; nobody runs ahead (or exits) until the file is in place."""
+    t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
     state = t.state
     is_best = accuracy is not None and accuracy > state.best_accuracy
     if is_best:

@@ -13,9 +13,7 @@ import signal
 import subprocess
 import threading
 
-import torch
-
-from dtrain.dist import DistEnv, all_reduce_max
+from dtrain.dist import DistEnv, any_rank
 
 
 class StopRequest:
@@ -38,9 +36,8 @@ class StopRequest:
               "to save a checkpoint; send it again to exit at once", flush=True)
 
     def agreed(self) -> bool:
-        """True on every rank as soon as any rank has received a stop signal (a collective)."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.env.device)
-        return bool(all_reduce_max(flag, self.env).item() > 0)
+        """True on every rank as soon as any rank has received a stop signal (a host-side collective)."""
+        return any_rank(self.received is not None, self.env)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
