@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from common import BENCH, DEFAULT_RESULTS, ROOT, machine_info
+from scaling import gpu_count
 
 SCRIPTS = ("overhead", "scaling", "trainer")
 
@@ -34,9 +35,8 @@ def main(argv=None) -> int:
     suffix = f"{args.device}{'-quick' if args.quick else ''}"
     failed = []
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
-        if name == "scaling" and args.device == "cuda" and gpu_count() < 2:
-            print(f"\n=== bench/scaling.py skipped: it compares 1 GPU with several, and {gpu_count()} is visible",
-                  flush=True)
+        if name == "scaling" and args.device == "cuda" and (gpus := gpu_count()) < 2:
+            print(f"\n=== bench/scaling.py skipped: it compares 1 GPU with several, and {gpus} is visible", flush=True)
             continue
         print(f"\n=== bench/{name}.py {' '.join(flags)}", flush=True)
         if subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *flags], cwd=ROOT).returncode != 0:
@@ -53,12 +53,6 @@ def main(argv=None) -> int:
     print(f"\nall benchmarks: {minutes:.1f} min; tables in {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
-
-
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 if __name__ == "__main__":

@@ -203,9 +203,10 @@ def train_one_epoch(t: Trainer) -> None:
         state.samples_in_epoch += samples_per_step
         speed.samples += samples_per_step
         t.logger.step_done()
-        if state.step % cfg.log_every == 0 or not t.nonfinite.deferred:
+        log_step = state.step % cfg.log_every == 0
+        if log_step or not t.nonfinite.deferred:
             t.nonfinite.raise_if_seen(state.epoch)
-        if state.step % cfg.log_every == 0:
+        if log_step:
             log_train(t, loss_sum, speed)
         if reached_max_steps(t):
             break
