@@ -6,9 +6,13 @@
 An instrumented copy of the shared loop's step, built from the project's own pieces (config, dist.setup,
 the workload's Task, make_loaders, wrap, build_optimizer, the loop's autocast), so dtrain/loop.py
 stays free of timers. DDP overlaps the all-reduce with the backward pass: whatever part of it is not
-hidden shows up as a longer backward (and a rank that waits for a slower peer waits there too). After
-the steps, a bare all-reduce of one gradient-sized buffer measures the communication alone.
-Each rank writes <out>/rank-<r>.json with per-step times in milliseconds.
+hidden shows up as a longer backward (and a rank that waits for a slower peer waits there too).
+Under DDP, steps alternate between a normal one and one with the all-reduce skipped (no_sync), so the
+difference between the two is measured by the same processes in the same seconds: on a shared machine
+separate runs differ by more than the all-reduce costs. After the steps, a bare all-reduce of one
+gradient-sized buffer measures the communication alone.
+Each rank writes <out>/rank-<r>.json with per-step times in milliseconds, per variant ("steps" without
+DDP; "ddp" and "ddp_no_allreduce" under DDP).
 """
 
 from __future__ import annotations
@@ -38,14 +42,11 @@ PHASES = ("data", "forward", "backward", "optimizer")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=12, help="timed steps (after the warm-up ones)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per variant (after the warm-up ones)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--skip-allreduce", action="store_true",
-                   help="diagnostic: every backward under DDP's no_sync(), so ranks never communicate; the "
-                        "difference to a normal run is the cost of the all-reduce itself")
     p.add_argument("--no-ddp", action="store_true",
                    help="diagnostic: ranks train unwrapped copies in lock-step (the per-step barrier), so the "
-                        "difference to --skip-allreduce is DDP's own work in backward")
+                        "difference to DDP's steps without the all-reduce is DDP's own work")
     p.add_argument("overrides", nargs="*", help="train.py config overrides, e.g. model.arch=resnet18")
     return p.parse_args(argv)
 
@@ -55,14 +56,14 @@ def main(argv=None) -> None:
     cfg = load_config(None, args.overrides)
     env = dist.setup(cfg)
     try:
-        result = measure(cfg, env, args.warmup, args.steps, args.skip_allreduce, args.no_ddp)
+        result = measure(cfg, env, args.warmup, args.steps, args.no_ddp)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"rank-{env.rank}.json").write_text(json.dumps(result, indent=1) + "\n")
     finally:
         dist.cleanup(env)
 
 
-def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_ddp: bool = False) -> dict:
+def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
     raw_model = task.model.to(env.device)
@@ -70,18 +71,23 @@ def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_
     train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
                                             task.random_samples)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if not no_ddp:
+    ddp = env.distributed and not no_ddp
+    if ddp:
         model = dist.wrap(model, env, cfg.ddp)
+    # (name, skip the all-reduce): under DDP every other step skips it
+    variants = [("ddp", False), ("ddp_no_allreduce", True)] if ddp else [("steps", False)]
+    total = (warmup + steps) * len(variants)
+    if total > len(train_loader):
+        raise SystemExit(f"the loader has {len(train_loader)} batches; need {total} (warm-up + timed steps per variant)")
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_context(env.device, cfg.precision)
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    if warmup + steps > len(train_loader):
-        raise SystemExit(f"the loader has {len(train_loader)} batches; need warmup + steps = {warmup + steps}")
     sampler.start_epoch(0)
     model.train()
     batches = iter(train_loader)
-    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    for step in range(warmup + steps):
+    times = {name: {phase: [] for phase in PHASES} for name, _ in variants}
+    for step in range(total):
+        name, skip_allreduce = variants[step % len(variants)]
         dist.barrier(env)  # every rank starts the step together: a slow peer does not leak into "data"
         t0 = time.perf_counter()
         batch = to_device(next(batches), env.device)
@@ -104,18 +110,17 @@ def measure(cfg, env, warmup: int, steps: int, skip_allreduce: bool = False, no_
         optimizer.zero_grad(set_to_none=dist.grads_to_none(model, cfg.ddp))  # as the loop does
         sync()
         t4 = time.perf_counter()
-        if step >= warmup:
+        if step >= warmup * len(variants):
             for phase, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
-                times[phase].append(1000 * (b - a))
+                times[name][phase].append(1000 * (b - a))
     params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     return {
-        "rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(),
-        "skip_allreduce": skip_allreduce, "ddp": env.distributed and not no_ddp,
-        "batch_size": cfg.batch_size, "parameters": params,
-        "median_ms": {phase: statistics.median(v) for phase, v in times.items()},
-        "median_step_ms": statistics.median(map(sum, zip(*times.values()))),
-        "allreduce_ms": bare_allreduce_ms(params, env),
-        "steps_ms": times,
+        "rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(), "ddp": ddp,
+        "batch_size": cfg.batch_size, "parameters": params, "allreduce_ms": bare_allreduce_ms(params, env),
+        "variants": {name: {"median_ms": {phase: statistics.median(v) for phase, v in phases.items()},
+                            "median_step_ms": statistics.median(map(sum, zip(*phases.values()))),
+                            "steps_ms": phases}
+                     for name, phases in times.items()},
     }
 
 

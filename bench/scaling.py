@@ -14,8 +14,8 @@ machine itself allows N processes (shared cores, memory bandwidth, other users' 
 each keep the single-process speed, that bound, not DDP, caps the efficiency.
 bench/core_probe.py measures the same bound without any model (1-thread matmul and memory copy, alone and
 N at once). bench/breakdown.py then times each phase of a step on every rank five ways (1 process; N
-independent; N in lock-step without DDP; DDP with the all-reduce skipped; DDP), so each loss of
-efficiency has a name. The loop's per-epoch memory records (peak RSS per rank; peak CUDA memory on
+independent; N in lock-step without DDP; DDP with the all-reduce skipped; DDP: the last two alternate
+step by step within one run), so each loss of efficiency has a name. The loop's per-epoch memory records (peak RSS per rank; peak CUDA memory on
 GPUs) show 1 vs N processes and any growth after the first epoch (target < 3%).
 Writes bench/results/scaling-<device>.json.
 """
@@ -108,53 +108,69 @@ def throughput_runs(case: ImageCase, nproc: int, reps: int, extra: list[str], wo
     return runs
 
 
-BREAKDOWN_KINDS = {  # name: (label, extra breakdown.py flags); all but "one" run N processes
-    "one": ("1 process", []),
-    "independent": ("{n} independent processes, at once", []),
-    "lockstep": ("{n} processes in lock-step, no DDP", ["--no-ddp"]),
-    "ddp_no_allreduce": ("DDP, {n} processes, all-reduce skipped", ["--skip-allreduce"]),
-    "ddp": ("DDP, {n} processes", []),
+BREAKDOWN_RUNS = {  # run: extra breakdown.py flags; all but "one" run N processes
+    "one": [],
+    "independent": [],
+    "lockstep": ["--no-ddp"],
+    "ddp": [],  # alternates normal steps with steps whose all-reduce is skipped
+}
+BREAKDOWN_ROWS = {  # row: (label, run, variant of breakdown.py's steps)
+    "one": ("1 process", "one", "steps"),
+    "independent": ("{n} independent processes, at once", "independent", "steps"),
+    "lockstep": ("{n} processes in lock-step, no DDP", "lockstep", "steps"),
+    "ddp_no_allreduce": ("DDP, {n} processes, all-reduce skipped", "ddp", "ddp_no_allreduce"),
+    "ddp": ("DDP, {n} processes", "ddp", "ddp"),
 }
 
 
 def breakdown_runs(case: ImageCase, nproc: int, reps: int, extra: list[str], work: Path, device: str,
                    quick: bool) -> dict:
-    """bench/breakdown.py five ways, repeated and interleaved; per rank, the median over repetitions of
-    each run's median ms per phase. Each step down the list adds one thing:
+    """bench/breakdown.py four ways, repeated and interleaved; per row and rank, the median over
+    repetitions of each run's median ms per phase. Each row down the list adds one thing:
 
     1 process -> N independent processes: sharing the machine (no communication, phases drift apart).
     -> N processes in lock-step, no DDP: every process in the same phase at the same moment (a barrier
        per step), each training its own copy.
-    -> DDP with every all-reduce skipped (no_sync): DDP's own work around forward and backward.
+    -> DDP with the all-reduce skipped (no_sync): DDP's own work around forward and backward.
     -> DDP: the all-reduce, as far as it is not hidden behind the backward pass.
+    The last two rows come from one DDP run whose steps alternate between them, so their difference
+    is not blurred by the load changing between runs.
     """
     warmup, steps = (1, 3) if quick else (3, 8)
-    timed = replace(case, steps=warmup + steps, epochs=1)
-    raw: dict[str, list[list[dict]]] = {name: [] for name in BREAKDOWN_KINDS}
+    # Enough batches for the DDP run, which takes warm-up and timed steps for each of its two variants.
+    timed = replace(case, steps=2 * (warmup + steps), epochs=1)
+    raw: dict[str, list[list[dict]]] = {run: [] for run in BREAKDOWN_RUNS}
     for rep in range(reps):
-        for name, (_, flags) in BREAKDOWN_KINDS.items():
-            raw[name].append(breakdown_once(name, flags, timed, nproc, warmup, steps, extra,
-                                            fresh_dir(work / f"{name}-{rep}"), device))
-            steps_ms = " / ".join(f"{r['median_step_ms']:.0f}" for r in raw[name][-1])
-            print(f"  rep {rep + 1}/{reps} {name}: median step {steps_ms} ms", flush=True)
-    return {name: [median_of_runs([run[rank] for run in runs]) for rank in range(len(runs[0]))]
-            for name, runs in raw.items()}
+        for run, flags in BREAKDOWN_RUNS.items():
+            raw[run].append(breakdown_once(run, flags, timed, nproc, warmup, steps, extra,
+                                           fresh_dir(work / f"{run}-{rep}"), device))
+            for variant in raw[run][-1][0]["variants"]:
+                steps_ms = " / ".join(f"{r['variants'][variant]['median_step_ms']:.0f}" for r in raw[run][-1])
+                print(f"  rep {rep + 1}/{reps} {run} ({variant}): median step {steps_ms} ms", flush=True)
+    return {row: [median_of_runs([one_variant(results[rank], variant) for results in raw[run]])
+                  for rank in range(len(raw[run][0]))]
+            for row, (_, run, variant) in BREAKDOWN_ROWS.items()}
 
 
-def breakdown_once(name: str, flags: list[str], timed: ImageCase, nproc: int, warmup: int, steps: int,
+def one_variant(result: dict, variant: str) -> dict:
+    """One rank's figures for one variant of its steps (the bare all-reduce is per run)."""
+    return {"parameters": result["parameters"], "allreduce_ms": result["allreduce_ms"], **result["variants"][variant]}
+
+
+def breakdown_once(run: str, flags: list[str], timed: ImageCase, nproc: int, warmup: int, steps: int,
                    extra: list[str], run_dir: Path, device: str) -> list[dict]:
     """One breakdown.py run of one kind; the per-rank (or per-job) results."""
-    processes = 1 if name in ("one", "independent") else nproc
+    processes = 1 if run in ("one", "independent") else nproc
 
     def args(out_dir: Path) -> list[str]:
         return [f"--out={out_dir}", f"--warmup={warmup}", f"--steps={steps}", *flags,
                 *timed.project_args(out_dir, processes=processes), *extra]
 
-    if name == "one":
+    if run == "one":
         run_job(python_cmd(BREAKDOWN, args(run_dir)), child_env(timed.threads, **gpu_env(device, "0")),
                 run_dir / "log.txt", 1800)
         files = [run_dir / "rank-0.json"]
-    elif name == "independent":
+    elif run == "independent":
         run_together([(python_cmd(BREAKDOWN, args(run_dir / f"job{i}")),
                        child_env(timed.threads, **gpu_env(device, str(i))), run_dir / f"log{i}.txt")
                       for i in range(nproc)], 1800)
@@ -269,7 +285,7 @@ def report(case: ImageCase, nproc: int, reps: int, breakdown_reps: int, runs: di
         note=f"DDP / independent jobs = {ddp['median'] / indep['median']:.3f} (the cost of DDP itself); "
              f"efficiency per repetition: {fmt_summary(paired, 3)}\n"
              "from the step-time breakdown below, 1-process step / slowest rank's step: "
-             + "; ".join(f"{BREAKDOWN_KINDS[k][0].format(n=nproc)} {v:.3f}" for k, v in step_ratios.items()))]
+             + "; ".join(f"{BREAKDOWN_ROWS[k][0].format(n=nproc)} {v:.3f}" for k, v in step_ratios.items()))]
     if probe is not None:
         tables.append(probe_table(probe, nproc))
     tables.append(breakdown_table(breakdown, device, breakdown_reps))
@@ -280,7 +296,7 @@ def report(case: ImageCase, nproc: int, reps: int, breakdown_reps: int, runs: di
                  "ddp_vs_independent": ddp["median"] / indep["median"], "efficiency_target": EFFICIENCY_TARGET,
                  "meets_efficiency_target": efficiency >= EFFICIENCY_TARGET, "rss_growth": growth,
                  "growth_target": GROWTH_TARGET,
-                 "breakdown_step_ratios": step_ratios,
+                 "breakdown_step_ratios": step_ratios, "allreduce_cost": allreduce_cost(breakdown),
                  "machine_probe_ratios": probe_ratios(probe, nproc) if probe is not None else None}
     return tables, summaries
 
@@ -297,7 +313,7 @@ def breakdown_table(breakdown: dict, device: str, reps: int) -> str:
         for i, r in enumerate(ranks):
             m = r["median_ms"]
             bare = f"{r['allreduce_ms']:.0f}" if r["allreduce_ms"] is not None else "-"
-            rows.append([BREAKDOWN_KINDS[name][0].format(n=len(ranks)), i, f"{m['data']:.0f}", f"{m['forward']:.0f}",
+            rows.append([BREAKDOWN_ROWS[name][0].format(n=len(ranks)), i, f"{m['data']:.0f}", f"{m['forward']:.0f}",
                          f"{m['backward']:.0f}", f"{m['optimizer']:.0f}", f"{r['median_step_ms']:.0f}", bare])
     params = breakdown["one"][0]["parameters"]
     return print_table(
@@ -307,7 +323,14 @@ def breakdown_table(breakdown: dict, device: str, reps: int) -> str:
         note=f"(backward includes DDP's all-reduce, which overlaps it; bare all-reduce: one all-reduce of all "
              f"{params / 1e6:.1f}M fp32 gradients with nothing else running. independent: the cost of sharing the "
              "machine; lock-step: of all processes being in the same phase at once; all-reduce skipped: of DDP's own "
-             "work; DDP: of the all-reduce.)")
+             "work; DDP: of the all-reduce. The last two come from one DDP run whose steps alternate between them: "
+             f"the all-reduce added {allreduce_cost(breakdown):.0%} to the step there.)")
+
+
+def allreduce_cost(breakdown: dict) -> float:
+    """Slowest rank's DDP step over its step with the all-reduce skipped, minus 1 (the same runs, alternate steps)."""
+    return (max(r["median_step_ms"] for r in breakdown["ddp"])
+            / max(r["median_step_ms"] for r in breakdown["ddp_no_allreduce"]) - 1)
 
 
 def memory_table(runs: dict) -> tuple[str, dict]:
