@@ -11,6 +11,9 @@ Under DDP, steps alternate between a normal one and one with the all-reduce skip
 difference between the two is measured by the same processes in the same seconds: on a shared machine
 separate runs differ by more than the all-reduce costs. After the steps, a bare all-reduce of one
 gradient-sized buffer measures the communication alone.
+The process's CPU time per step (all its threads) next to the step's wall time tells waiting (a core
+idle while a rank waits for its peer or the network) from slower work (the same steps taking more CPU
+time when processes compete for caches and memory).
 Each rank writes <out>/rank-<r>.json with per-step times in milliseconds, per variant ("steps" without
 DDP; "ddp" and "ddp_no_allreduce" under DDP).
 """
@@ -86,10 +89,11 @@ def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
     model.train()
     batches = iter(train_loader)
     times = {name: {phase: [] for phase in PHASES} for name, _ in variants}
+    cpu = {name: [] for name, _ in variants}  # CPU time of the whole process (gloo's threads too) per step
     for step in range(total):
         name, skip_allreduce = variants[step % len(variants)]
         dist.barrier(env)  # every rank starts the step together: a slow peer does not leak into "data"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = to_device(next(batches), env.device)
         sync()
         t1 = time.perf_counter()
@@ -109,17 +113,18 @@ def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
         scaler.update()
         optimizer.zero_grad(set_to_none=dist.grads_to_none(model, cfg.ddp))  # as the loop does
         sync()
-        t4 = time.perf_counter()
+        t4, c4 = time.perf_counter(), time.process_time()
         if step >= warmup * len(variants):
             for phase, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
                 times[name][phase].append(1000 * (b - a))
+            cpu[name].append(1000 * (c4 - c0))
     params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     return {
         "rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(), "ddp": ddp,
         "batch_size": cfg.batch_size, "parameters": params, "allreduce_ms": bare_allreduce_ms(params, env),
         "variants": {name: {"median_ms": {phase: statistics.median(v) for phase, v in phases.items()},
                             "median_step_ms": statistics.median(map(sum, zip(*phases.values()))),
-                            "steps_ms": phases}
+                            "median_cpu_ms": statistics.median(cpu[name]), "steps_ms": phases, "cpu_ms": cpu[name]}
                      for name, phases in times.items()},
     }
 

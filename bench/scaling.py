@@ -188,6 +188,7 @@ def median_of_runs(runs: list[dict]) -> dict:
             "median_ms": {phase: statistics.median(r["median_ms"][phase] for r in runs)
                           for phase in runs[0]["median_ms"]},
             "median_step_ms": statistics.median(r["median_step_ms"] for r in runs),
+            "median_cpu_ms": statistics.median(r["median_cpu_ms"] for r in runs),
             "allreduce_ms": statistics.median(bare) if bare else None,
             "runs": runs}
 
@@ -314,13 +315,17 @@ def breakdown_table(breakdown: dict, device: str, reps: int) -> str:
             m = r["median_ms"]
             bare = f"{r['allreduce_ms']:.0f}" if r["allreduce_ms"] is not None else "-"
             rows.append([BREAKDOWN_ROWS[name][0].format(n=len(ranks)), i, f"{m['data']:.0f}", f"{m['forward']:.0f}",
-                         f"{m['backward']:.0f}", f"{m['optimizer']:.0f}", f"{r['median_step_ms']:.0f}", bare])
+                         f"{m['backward']:.0f}", f"{m['optimizer']:.0f}", f"{r['median_step_ms']:.0f}",
+                         f"{r['median_cpu_ms']:.0f}", bare])
     params = breakdown["one"][0]["parameters"]
     return print_table(
         f"Step-time breakdown per rank ({device}; median ms per step, median of {reps} interleaved run(s) of each "
         "kind; each row adds one thing to the row above)",
-        ["run", "rank / job", "data wait", "forward", "backward", "optimizer", "step", "bare all-reduce"], rows,
-        note=f"(backward includes DDP's all-reduce, which overlaps it; bare all-reduce: one all-reduce of all "
+        ["run", "rank / job", "data wait", "forward", "backward", "optimizer", "step", "CPU busy", "bare all-reduce"],
+        rows,
+        note=f"(backward includes DDP's all-reduce, which overlaps it; CPU busy: the process's CPU time per step, all "
+             "its threads: step minus CPU busy is time spent waiting, CPU busy above the 1-process row is the same "
+             f"work done slower or extra work; bare all-reduce: one all-reduce of all "
              f"{params / 1e6:.1f}M fp32 gradients with nothing else running. independent: the cost of sharing the "
              "machine; lock-step: of all processes being in the same phase at once; all-reduce skipped: of DDP's own "
              "work; DDP: of the all-reduce. The last two come from one DDP run whose steps alternate between them: "
