@@ -339,13 +339,15 @@ def allreduce_cost(breakdown: dict) -> float:
 
 
 def memory_table(runs: dict) -> tuple[str, dict]:
-    """Peak RSS per rank after each epoch, from the last repetition's 1-process and DDP runs."""
-    rows, growth = [], {}
+    """Peak RSS per rank after each epoch, from the last repetition's 1-process and DDP runs; growth (the
+    worst rank's) from every repetition, since one run's high-water mark can step once and stay."""
+    rows, growth, per_rep = [], {}, {}
     for kind in ("one", "ddp"):
         memory = runs[kind][-1]["memory"]
         if not memory:
             continue
-        growth[kind] = rss_growth(memory)  # the worst rank
+        per_rep[kind] = [g for g in (rss_growth(r["memory"]) for r in runs[kind]) if g is not None]
+        growth[kind] = statistics.median(per_rep[kind]) if per_rep[kind] else None
         for rank in range(len(memory[0]["peak_rss_mb"])):
             per_epoch = [m["peak_rss_mb"][rank] for m in memory]
             shown = f"{100 * (per_epoch[-1] / per_epoch[1] - 1):+.1f}%" if len(memory) >= 3 else "needs 3+ epochs"
@@ -356,7 +358,11 @@ def memory_table(runs: dict) -> tuple[str, dict]:
     return print_table(f"Peak memory per process after each epoch (MB; target: growth from the end of epoch 2 to "
                        f"the end of the last < {100 * GROWTH_TARGET:.0f}%)",
                        ["run", "rank", "peak RSS by epoch", "growth epoch 2 -> last", "peak CUDA by epoch"],
-                       rows), growth
+                       rows,
+                       note="worst rank's growth in each repetition: " + "; ".join(
+                           f"{'1 process' if kind == 'one' else 'DDP'} " + " / ".join(f"{100 * g:+.1f}%" for g in gs)
+                           + f" (median {100 * growth[kind]:+.1f}%)" for kind, gs in per_rep.items() if gs)), \
+        {"median": growth, "per_repetition": per_rep}
 
 if __name__ == "__main__":
     raise SystemExit(main())
