@@ -21,7 +21,7 @@ class ImageCase:
     arch: str = "resnet18"
     image_size: int = 64
     batch: int = 32  # per process
-    steps: int = 30  # optimizer steps per epoch (per process)
+    steps: int = 24  # optimizer steps per epoch (per process)
     epochs: int = 1
     log_every: int = 3
     warmup_windows: int = 2  # first train windows dropped from the throughput
@@ -64,7 +64,7 @@ class BertCase:
     random_init: bool = False  # GPU mode: a bert-base-sized model from a config, no weights needed
     max_length: int = 64
     batch: int = 16
-    steps: int = 16
+    steps: int = 12
     log_every: int = 2
     warmup_windows: int = 2
     threads: int = 1

@@ -136,7 +136,7 @@ def breakdown_runs(case: ImageCase, nproc: int, reps: int, extra: list[str], wor
     The last two rows come from one DDP run whose steps alternate between them, so their difference
     is not blurred by the load changing between runs.
     """
-    warmup, steps = (1, 3) if quick else (3, 8)
+    warmup, steps = (1, 3) if quick else (3, 6)
     # Enough batches for the DDP run, which takes warm-up and timed steps for each of its two variants.
     timed = replace(case, steps=2 * (warmup + steps), epochs=1)
     raw: dict[str, list[list[dict]]] = {run: [] for run in BREAKDOWN_RUNS}
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     print(f"{case.label()}, {case.threads} thread(s) per process, {case.steps} steps x {case.epochs} epochs per "
           f"run, 1 vs {nproc} processes, {reps} repetition(s)", flush=True)
     runs = throughput_runs(case, nproc, reps, args.set, work / "runs", args.device)
-    probe = core_probe(nproc, reps, work / "probe", 1.0 if args.quick else 2.0) if args.device == "cpu" else None
+    probe = core_probe(nproc, reps, work / "probe", 1.0 if args.quick else 1.5) if args.device == "cpu" else None
     print("step-time breakdown:", flush=True)
     breakdown_reps = args.breakdown_reps or (1 if args.quick else 2)
     breakdown = breakdown_runs(case, nproc, breakdown_reps, args.set, work / "breakdown", args.device, args.quick)
