@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     if args.worker is not None:
         return worker(args)
     nproc = args.nproc or (2 if args.device == "cpu" else gpu_count())
+    if nproc < 2:
+        raise SystemExit(f"ddp_options compares all-reduces, so it needs at least 2 processes (found {nproc} GPU(s)); "
+                         "use --nproc")
     rounds = args.rounds or (3 if args.quick else 20)
     case = case_of(args)
     work = fresh_dir(args.results / "work" / "ddp-options")
