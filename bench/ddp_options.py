@@ -7,7 +7,8 @@
 Separate runs on a shared machine differ by more than most DDP options change. So this script wraps one
 copy of the same model (same weights) per variant, in one torchrun job, and takes the steps round-robin
 through the variants, the order reversed every round: every variant sees the same load. The variant
-"all-reduce skipped" (no_sync around forward and backward) is the floor: the step without communication.
+"all-reduce skipped" (the first variant's copy, no_sync around forward and backward) is the floor: the
+step without communication.
 A variant is a label and the project's ddp.* config keys (see `python train.py --help`).
 Writes bench/results/ddp-options-<device>.json.
 """
@@ -117,8 +118,8 @@ def report(case: ImageCase, nproc: int, rounds: int, per_rank: list[dict]) -> tu
         f"DDP options, one job, steps round-robin through the variants ({case.label()}, {nproc} processes, "
         f"{case.threads} thread(s) each; median of {rounds} steps per variant)",
         ["variant", "median step per rank (ms)", "slowest rank (ms)", "speed vs defaults"], rows,
-        note=f"({SKIPPED!r}: the same defaults under no_sync, so the ranks never communicate: the floor for any "
-             "option that only changes how gradients are all-reduced)")
+        note=f"({SKIPPED!r}: the first variant's copy under no_sync, so the ranks never communicate: the floor for "
+             "any option that only changes how gradients are all-reduced)")
     return table, slowest
 
 
