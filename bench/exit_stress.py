@@ -1,0 +1,165 @@
+"""Run a short 2-rank job many times and count the runs that did not exit cleanly.
+
+    python bench/exit_stress.py --runs 100                 # 100 runs under torchrun, then 100 as plain processes
+    python bench/exit_stress.py --runs 20 --launcher ranks # only plain processes (as srun starts them)
+    python bench/exit_stress.py --runs 20 --case stop      # a stop signal mid-run: every rank must exit 3
+
+A finished job must end with every rank's exit code 0 (3 after an agreed stop) on every launcher.
+A rank that dies at exit (SIGABRT, a segfault) turns a good run into a failed one for torchrun,
+Slurm and any pipeline that reads exit codes, so this counts such runs and prints why each failed:
+the exit code or signal and the last line the rank printed. It is a tool, not a test: the rate it
+finds depends on the machine's load (run it beside a CPU-heavy job to make races more likely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "train.py"
+# A few DDP steps of a small model on synthetic images, with an evaluation and a checkpoint: every
+# collective the loop uses runs at least once, and the job takes seconds.
+JOB = ["workload=image", "data.synthetic=true", "data.synthetic_train_size=64", "data.synthetic_val_size=16",
+       "data.image_size=32", "data.val_crop_ratio=1.0", "data.num_classes=4", "model.arch=squeezenet1_1",
+       "num_workers=0", "batch_size=4", "progress=false", "threads=1", "epochs=1", "log_every=2",
+       "timeout_s=60"]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_", "SLURM_",
+                 "TORCHELASTIC")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def describe(code: int | None) -> str:
+    if code is None:
+        return "hung (killed at the time limit)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:160] if lines else "(no output)"
+
+
+def job_args(out: Path, case: str) -> list[str]:
+    # stop: enough steps that the signal arrives mid-run
+    steps = ["max_steps=40", "data.synthetic_train_size=400"] if case == "stop" else ["max_steps=6"]
+    return [*JOB, *steps, f"output_dir={out}"]
+
+
+def wait_for_training(out: Path, procs: list[subprocess.Popen], timeout: float) -> None:
+    """Until the first train record appears (the ranks are past set-up), or a process ended."""
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and not any(p.poll() is not None for p in procs):
+        if metrics.exists() and '"kind": "train"' in metrics.read_text():
+            return
+        time.sleep(0.1)
+
+
+def collect(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int | None, str]]:
+    """(exit code or None if it hung, its output) per process; all are killed at the time limit."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            results.append((p.returncode, out))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+            results.append((None, out))
+    return results
+
+
+def run_torchrun(out: Path, case: str, timeout: float) -> tuple[bool, str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TRAIN), *job_args(out, case)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    if case == "stop":
+        wait_for_training(out, [proc], timeout)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    [(code, text)] = collect([proc], timeout)
+    expected = 3 if case == "stop" else 0
+    # torchrun exits 1 for any failed worker and names the worker's own exit code in its summary
+    if code == expected or (case == "stop" and code == 1 and "exitcode  : 3" in text
+                            and "exitcode  : -" not in text):
+        return True, ""
+    worker_codes = [line.split(":", 1)[1].strip() for line in text.splitlines() if "exitcode" in line]
+    detail = f"; worker exit codes {', '.join(worker_codes)}" if worker_codes else ""
+    return False, f"torchrun {describe(code)}{detail}: {last_line(text)}"
+
+
+def run_ranks(out: Path, case: str, timeout: float) -> tuple[bool, str]:
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN), *job_args(out, case)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    if case == "stop":
+        wait_for_training(out, procs, timeout)
+        procs[1].send_signal(signal.SIGTERM)  # one rank only: the other must learn of it and stop too
+    expected = 3 if case == "stop" else 0
+    failures = [f"rank {rank} {describe(code)}: {last_line(text)}"
+                for rank, (code, text) in enumerate(collect(procs, timeout)) if code != expected]
+    return not failures, "; ".join(failures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100, help="runs per launcher")
+    parser.add_argument("--launcher", choices=["torchrun", "ranks", "both"], default="both")
+    parser.add_argument("--case", choices=["finish", "stop"], default="finish",
+                        help="finish: the job runs to its end (exit 0); stop: SIGTERM mid-run (exit 3)")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds one run may take")
+    args = parser.parse_args(argv)
+    launchers = {"torchrun": run_torchrun, "ranks": run_ranks}
+    chosen = list(launchers) if args.launcher == "both" else [args.launcher]
+    bad_total = 0
+    with tempfile.TemporaryDirectory(prefix="dtrain-exit-stress-") as work:
+        for name in chosen:
+            reasons: collections.Counter[str] = collections.Counter()
+            began = time.monotonic()
+            for i in range(args.runs):
+                ok, why = launchers[name](Path(work) / f"{name}-{i}", args.case, args.timeout)
+                if not ok:
+                    reasons[why] += 1
+                    print(f"{name} run {i + 1}: {why}", flush=True)
+            bad = sum(reasons.values())
+            bad_total += bad
+            print(f"{name}: {bad} of {args.runs} runs ({args.case}) exited abnormally "
+                  f"({time.monotonic() - began:.0f} s)", flush=True)
+            for why, count in reasons.most_common():
+                print(f"  {count} x {why}")
+    return 1 if bad_total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
