@@ -11,8 +11,12 @@ Only the launch command changes; dtrain.dist reads it from the environment.
 from __future__ import annotations
 
 import argparse
+import gc
+import logging
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 # Nothing is ever fetched from a model hub at run time: models and data come from local paths.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except StopTraining as e:  # a stop signal: the checkpoint is saved, resume=auto continues
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside stop_signals: no save, but no traceback from every rank
+        if env is None or env.is_main:
+            print("interrupted: nothing saved since the last checkpoint (resume=auto continues from it)",
+                  file=sys.stderr, flush=True)
+        return 130
     except Exception as e:
         if env is None or not env.distributed or not dist.is_peer_failure(e):
             raise  # a bug: the traceback is the useful report
@@ -72,5 +81,30 @@ def report(error: UserError, env) -> None:
     print(f"error{where}: {error}", file=sys.stderr, flush=True)
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`, skipping the interpreter's finalization.
+
+    Collective backends run C++ worker threads. When a Gloo worker frees the last reference to a
+    finished collective's tensors, it takes the GIL; if the main thread is finalizing the
+    interpreter at that moment, CPython ends that thread with pthread_exit, whose unwinding reaches
+    a C++ destructor, and std::terminate aborts the whole process ("terminate called without an
+    active exception", SIGABRT) after its work is done: launchers and Slurm then record a failure.
+    Everything this process writes is closed and flushed by now, so finalization has nothing left
+    to do that matters.
+    """
+    gc.collect()  # DataLoader iterators shut their worker processes down when collected
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as e:  # argparse: --help (0), bad arguments (2)
+        exit_code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # a bug: its traceback is the useful report
+        traceback.print_exc()
+        exit_code = 1
+    exit_process(exit_code)

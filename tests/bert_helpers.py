@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import finish, start_ranks, without_launcher_vars
+from conftest import finish, run_bounded, start_ranks, without_launcher_vars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 240) -> subproce
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "train.py", *args]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return run_bounded(cmd, timeout, clean_env(), cwd=REPO)
 
 
 def run_ranks(args: list[str], world_size: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:

@@ -7,14 +7,21 @@ namespace, takes a private mount and UTS namespace, binds the host's own hosts f
 and sets the hostname, so every host resolves every other host by name (torchrun's c10d and
 Slurm both need that), and never resolves its own name to 127.0.0.1.
 
-`ip netns exec` is not used: it remounts /sys, and slurmd then fails to start (FACTS.md).
-A lock file serialises concurrent test sessions; leftovers of a crashed session are removed.
+`ip netns exec` is not used: it remounts /sys, and slurmd then fails to start ("Unable to
+initialize cgroup plugin").
+
+Every set of hosts gets names of its own (a random tag in every namespace, veth and bridge
+name), and tearing down waits until the kernel has really removed each of them: deleting a
+namespace frees its veth pairs asynchronously, so a next set that reused the names could find
+them still there. A lock file serialises concurrent test sessions; the leftovers of a crashed
+session are removed (and waited for) before new hosts are made.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "10.200.0"
-BRIDGE = "dtrain-br0"
 BRIDGE_ADDR = f"{PREFIX}.254"
+NAME_PREFIXES = ("dt-", "dtrain-")  # ours, and the fixed names of older versions of this harness
+REMOVAL_TIMEOUT_S = 30
 LOCK_FILE = Path("/run/lock/dtrain-test-cluster.lock")
 
 
@@ -89,7 +97,10 @@ class NetnsHosts:
     def __init__(self, count: int, workdir: Path, controller_name: str | None = None):
         self.workdir = workdir
         self.controller_name = controller_name  # the root namespace's name on the bridge (Slurm controller)
-        self.hosts = [Host(f"n{i}", f"{PREFIX}.{i}", f"dtrain-n{i}", workdir / f"hosts.n{i}")
+        tag = secrets.token_hex(3)[:5]  # interface names have at most 15 characters
+        self.bridge = f"dt-{tag}-br"
+        self.veths = [f"dt-{tag}-v{i}" for i in range(1, count + 1)]
+        self.hosts = [Host(f"n{i}", f"{PREFIX}.{i}", f"dt-{tag}-n{i}", workdir / f"hosts.n{i}")
                       for i in range(1, count + 1)]
 
     def __enter__(self) -> list[Host]:
@@ -105,17 +116,17 @@ class NetnsHosts:
         self.remove()
 
     def _create(self) -> None:
-        ip("link", "add", BRIDGE, "type", "bridge")
-        ip("addr", "add", f"{BRIDGE_ADDR}/24", "dev", BRIDGE)
-        ip("link", "set", BRIDGE, "up")
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{BRIDGE_ADDR}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
         lines = ["127.0.0.1 localhost"] + [f"{h.addr} {h.name}" for h in self.hosts]
         if self.controller_name:
             lines.append(f"{BRIDGE_ADDR} {self.controller_name}")
-        for i, host in enumerate(self.hosts, start=1):
-            outside, inside = f"dtrain-v{i}", f"dtrain-v{i}p"
+        for host, outside in zip(self.hosts, self.veths):
+            inside = outside.replace("-v", "-p")
             ip("netns", "add", host.netns)
             ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-            ip("link", "set", outside, "master", BRIDGE)
+            ip("link", "set", outside, "master", self.bridge)
             ip("link", "set", outside, "up")
             ip("link", "set", inside, "netns", host.netns)
             ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", inside)
@@ -126,11 +137,11 @@ class NetnsHosts:
     def remove(self) -> None:
         for host in self.hosts:
             remove_netns(host.netns)
-        ip("link", "del", BRIDGE, check=False)
+        remove_links([*self.veths, self.bridge])
 
 
 def remove_netns(netns: str) -> None:
-    """Kill what still runs in the namespace (daemons, job steps we started), then delete it."""
+    """Kill what still runs in the namespace (daemons, job steps we started), then delete it and wait."""
     if not Path("/run/netns", netns).exists():
         return
     deadline = time.monotonic() + 15
@@ -147,14 +158,37 @@ def remove_netns(netns: str) -> None:
         time.sleep(0.3)
         sig = signal.SIGKILL  # whatever survived a SIGTERM gets no second chance
     ip("netns", "del", netns, check=False)
+    wait_until_gone(lambda: Path("/run/netns", netns).exists(), f"network namespace {netns}")
+
+
+def remove_links(names: list[str]) -> None:
+    """Delete the links (a veth takes its peer with it) and wait until the kernel no longer lists them."""
+    for name in names:
+        ip("link", "del", name, check=False)
+    wait_until_gone(lambda: set(names) & set(link_names()), f"links {', '.join(names)}")
+
+
+def link_names() -> list[str]:
+    """Names of this namespace's network links (a veth shows as 'name@peer')."""
+    out = ip("-o", "link", "show", check=False).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.count(":") >= 2]
+
+
+def wait_until_gone(present, what: str) -> None:
+    deadline = time.monotonic() + REMOVAL_TIMEOUT_S
+    while present():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} still present {REMOVAL_TIMEOUT_S} s after removal")
+        time.sleep(0.1)
 
 
 def remove_leftovers() -> None:
-    """A crashed session may have left namespaces or the bridge behind (we hold the lock: none is live)."""
+    """A crashed session may have left namespaces, veths or bridges behind (we hold the lock: none is live)."""
     netns_dir = Path("/run/netns")
     if netns_dir.is_dir():
         for entry in netns_dir.iterdir():
-            if entry.name.startswith("dtrain-n"):
+            if entry.name.startswith(NAME_PREFIXES):
                 remove_netns(entry.name)
-    if ip("link", "show", BRIDGE, check=False).returncode == 0:
-        ip("link", "del", BRIDGE, check=False)
+    stale = [name for name in link_names() if name.startswith(NAME_PREFIXES)]
+    if stale:
+        remove_links(stale)

@@ -44,8 +44,7 @@ def free_port() -> int:
 
 def run_train(args: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
     """`python train.py ARGS` in a subprocess, as in single-process debugging."""
-    return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(**env))
+    return run_bounded([sys.executable, TRAIN, *args], timeout, subprocess_env(**env))
 
 
 def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 240, script: str = TRAIN,
@@ -53,8 +52,22 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 240, script: 
     """`torchrun --standalone --nproc_per_node=N train.py ARGS`: the real launcher, with a timeout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *launcher_args, script, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env(**env))
+    return run_bounded(cmd, timeout, subprocess_env(**env))
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run to the end; past `timeout` kill it with every process it started, and fail showing its output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return finish([proc], timeout)[0]
+
+
+def output_tail(label: str, stdout: str | None, stderr: str | None, lines: int = 40) -> str:
+    parts = []
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        tail = (text or "").splitlines()[-lines:]
+        parts.append(f"--- {label} {name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -109,40 +122,63 @@ def start(cmd_args: list[str], script: str = TRAIN, nproc: int = 0,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def start_ranks(cmd_args: list[str], world_size: int = 2, **env: str) -> list[subprocess.Popen]:
+def start_ranks(cmd_args: list[str], world_size: int = 2, script: str = TRAIN, port: int = 0,
+                **env: str) -> list[subprocess.Popen]:
     """One `python train.py ARGS` per rank with the env:// variables set and no supervisor, as srun starts them.
 
     Each rank's own exit code is then visible; torchrun reports only the workers that had ended when
     it noticed the first failure, and kills the rest.
     """
-    port = free_port()
+    port = port or free_port()
     procs = []
     for rank in range(world_size):
         rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                     "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, TRAIN, *cmd_args], cwd=ROOT, text=True,
-                                      env=subprocess_env(**rank_env, **env),
+        procs.append(subprocess.Popen([sys.executable, script, *cmd_args], cwd=ROOT, text=True,
+                                      env=subprocess_env(**{**rank_env, **env}), start_new_session=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Wait for every process (killing all of them if one overruns) and collect its output."""
+    """Wait for every process, all within one `timeout`. If one overruns, every process (and what it
+    started: each runs in a session of its own) is killed and the test fails with each one's last output."""
+    import time
+
+    deadline = time.monotonic() + timeout
     results = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=timeout)
+            out, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
         return results
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            kill_session(p)
+    outputs = []
+    for i, p in enumerate(procs):
+        out, err = (results[i].stdout, results[i].stderr) if i < len(results) else p.communicate()
+        outputs.append(output_tail(f"process {i} ({' '.join(map(str, p.args[-3:]))})", out, err))
+    pytest.fail(f"timed out after {timeout:.0f} s; every process was killed\n" + "\n".join(outputs))
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything in its session (launchers' workers, DataLoader workers)."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 120, what: str = "condition"):
-    """Poll `condition()` until it returns something truthy; fail if the process ends or time runs out."""
+    """Poll `condition()` until it returns something truthy; fail (showing the process's output) if the
+    process ends or time runs out."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -152,9 +188,12 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 120, what: st
             return result
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"process ended (code {proc.returncode}) before {what}:\n{out}\n{err}")
+            pytest.fail(f"process ended (code {proc.returncode}) before {what}:\n{output_tail('process', out, err)}")
         time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+    kill_session(proc)
+    out, err = proc.communicate()
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; the process was killed:\n"
+                f"{output_tail('process', out, err)}")
 
 
 def logged_steps(output_dir: Path) -> int:

@@ -108,6 +108,19 @@ def test_cli_help_and_cli_errors_exit_2_with_one_line():
     assert_one_clear_error(proc, "configs/nope.yaml", "does not exist")
 
 
+@pytest.mark.parametrize("content, needles", [
+    (b"PK\x03\x04\x00\x00\x08\x00\xff\xfe binary", ["is not a text file"]),  # a checkpoint is a zip
+    (b"epochs: 2\noptim:\n\tlr: 0.1\n", ["line 3, column 1", "never tabs"]),
+    (b"epochs: [1, 2\nbatch_size: 3\n", ["line 2, column", "expected ',' or ']'"]),
+], ids=["binary", "tab", "unclosed list"])
+def test_unreadable_config_files_are_one_line_with_the_place(tmp_path, content, needles):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    proc = run_train(["--config", str(path)])
+    assert proc.returncode == 2
+    assert_one_clear_error(proc, str(path), *needles)
+
+
 def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     sections = [(Config, ""), (OptimConfig, "optim."), (DDPConfig, "ddp.")]

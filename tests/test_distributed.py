@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from conftest import (FAST, assert_one_clear_error, finish, logged_steps, read_m
                       start_ranks, wait_until, write_image_folder)
 
 PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
+THREADS_AFTER_MAIN = str(Path(__file__).with_name("threads_after_main.py"))
 
 
 def test_two_ranks_train_evaluate_exactly_and_only_rank0_writes(tiny_images, tmp_path):
@@ -106,3 +109,31 @@ def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_pat
     assert again.returncode == 0, again.stderr
     steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
     assert steps[-3:] == [stopped, stopped + 1, stopped + 2] and len(steps) == len(set(steps))
+
+
+def test_no_backend_thread_outlives_the_run(tmp_path):
+    """After main() the process group is destroyed with its Gloo threads joined. A Gloo thread still
+    alive at interpreter exit can take the GIL while the interpreter finalizes, and CPython's
+    pthread_exit then ends in std::terminate: SIGABRT after a finished run."""
+    results = finish(start_ranks([*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "max_steps=3",
+                                  "num_workers=1", f"output_dir={tmp_path}"], script=THREADS_AFTER_MAIN),
+                     timeout=120)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        assert report == {"exit_code": 0, "threads": ["python"]}, report
+
+
+def test_a_rank_whose_master_port_never_answers_ends_within_the_timeout(tmp_path):
+    """Something else listens on MASTER_PORT and never answers: torch's store handshake would wait forever."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        began = time.monotonic()
+        [result] = finish(start_ranks([*FAST, "data.synthetic=true", "max_steps=2", "timeout_s=5", f"output_dir={tmp_path}"],
+                                      world_size=1,
+                                      port=squatter.getsockname()[1], RANK="1", WORLD_SIZE="2"), timeout=90)
+    assert result.returncode == 1
+    line = assert_one_clear_error(result, "could not join the process group", "as rank 1/2",
+                                  "no answer within timeout_s=5")
+    assert time.monotonic() - began < 60, line

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, assert_one_clear_error, logged_steps, read_metrics, run_torchrun, run_train, start,
-                      wait_until, worker_with_local_rank)
+from conftest import (FAST, assert_one_clear_error, error_lines, finish, logged_steps, read_metrics, run_torchrun,
+                      run_train, start, start_ranks, wait_until, worker_with_local_rank)
 
 PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
 # Augmentation on (random crops + flips) and a DataLoader worker: exactness must not rely on either being off.
@@ -33,8 +33,14 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_images, tmp_path):
-    args = [*EXACT, f"data.root={tiny_images}"]
+@pytest.mark.parametrize("model_args", [
+    [],
+    # dropout draws from the global generator: only exact if nothing else (e.g. making a DataLoader
+    # iterator) draws from it in a different place in a resumed run
+    ["model.dropout=0.5", "num_workers=0"],
+], ids=["no-dropout", "dropout"])
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_images, tmp_path, model_args):
+    args = [*EXACT, f"data.root={tiny_images}", *model_args]
     reference = tmp_path / "reference"
     assert run_train([*args, f"output_dir={reference}"]).returncode == 0
     out = tmp_path / "interrupted"
@@ -56,8 +62,9 @@ def test_sigkill_of_one_worker_under_elastic_restart_finishes_identically(tiny_i
     launcher = start([*args, f"output_dir={out}"], nproc=2, launcher_args=("--max-restarts=1",))
     wait_until(lambda: logged_steps(out) >= 7, launcher, what="step 7")
     wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1").kill()
-    stdout, stderr = launcher.communicate(timeout=240)
-    assert launcher.returncode == 0, stderr
+    done = finish([launcher], timeout=240)[0]
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode == 0, stderr
     assert "resumed from" in stdout
     assert_same_run(reference, out)
 
@@ -77,7 +84,8 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tiny_images, 
     resumed = run_train(args)
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 0, step 2" in resumed.stdout
-    assert not (ckpt_dir / "last.pt.tmp").exists() or resumed.returncode == 0
+    assert f"removed {ckpt_dir / 'last.pt.tmp'}" in resumed.stdout
+    assert not list(ckpt_dir.glob("*.tmp"))
 
 
 def test_nonfinite_loss_stops_with_a_clear_error_or_skips(tiny_images, tmp_path):
@@ -114,8 +122,8 @@ def test_second_signal_exits_at_once_even_while_saving(tmp_path):
     proc.send_signal(signal.SIGUSR1)  # first: stop at the next step and save (the save hangs half-way)
     wait_until(lambda: list((out / "checkpoints").glob("*.hanging")), proc, what="the stop checkpoint write")
     proc.send_signal(signal.SIGUSR1)  # second: exit now
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGUSR1  # the signal's default action, not a saved stop (3)
+    done = finish([proc], timeout=60)[0]
+    assert done.returncode == -signal.SIGUSR1  # the signal's default action, not a saved stop (3)
     assert not (out / "checkpoints" / "last.pt").exists()  # the half-written file was never renamed
 
 
@@ -124,8 +132,9 @@ def test_stop_signal_single_process_saves_and_exits_3(tmp_path):
     proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}"])
     wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 3
+    done = finish([proc], timeout=60)[0]
+    stdout = done.stdout
+    assert done.returncode == 3
     stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
 
@@ -137,7 +146,91 @@ def test_signal_to_the_whole_process_group_is_handled_once_by_the_trainer(tmp_pa
                   "num_workers=2"])
     wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
     os.killpg(proc.pid, signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 3, stderr
+    done = finish([proc], timeout=60)[0]
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode == 3, stderr
     assert stdout.count("received SIGTERM") == 1
     assert "DataLoader worker" not in stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The file system fails under a save: real mounts (root only), as users meet them
+
+
+def mount(*args: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def mounts():
+    """Mount points made by a test; unmounted afterwards (lazily, in case a process still has a file open)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to make a real full or read-only file system")
+    made: list[Path] = []
+    yield made
+    for point in reversed(made):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+
+
+def read_only(folder: Path, mounts: list[Path]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    mount("--bind", str(folder), str(folder))
+    mounts.append(folder)
+    mount("-o", "remount,ro,bind", str(folder))
+
+
+def assert_last_checkpoint_loads(ckpt_dir: Path) -> int:
+    """last.pt loads weights-only, and is the newest step file; no temporary file is left. Returns its step."""
+    assert not list(ckpt_dir.glob("*.tmp")), list(ckpt_dir.iterdir())
+    last = torch.load(ckpt_dir / "last.pt", weights_only=True)
+    newest = max(ckpt_dir.glob("step_*.pt"))
+    assert torch.load(newest, weights_only=True)["state"]["step"] == last["state"]["step"]
+    return last["state"]["step"]
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mounts):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk))  # room for a few checkpoints of ~2.9 MB
+    mounts.append(disk)
+    out = disk / "run"
+    proc = run_train([*FAST, "data.synthetic=true", "data.synthetic_train_size=400", f"output_dir={out}",
+                      "checkpoint_every=1", "keep_last=100", "max_steps=40"])
+    line = assert_one_clear_error(proc, "could not write checkpoint", "no space left on the device",
+                                  "the previous checkpoint is untouched")
+    assert proc.returncode == 1, line
+    assert assert_last_checkpoint_loads(out / "checkpoints") >= 1
+
+
+def test_checkpoints_turning_read_only_mid_run_stop_both_ranks_with_one_line(tmp_path, mounts):
+    out = tmp_path / "run"
+    procs = start_ranks([*FAST, "data.synthetic=true", "data.synthetic_train_size=4000", f"output_dir={out}",
+                         "checkpoint_every=2", "keep_last=3"])
+    wait_until(lambda: len(list((out / "checkpoints").glob("step_*.pt"))) >= 2, procs[0],
+               what="two checkpoints")
+    read_only(out / "checkpoints", mounts)
+    results = finish(procs, timeout=120)
+    assert [r.returncode for r in results] == [1, 1], [r.stderr for r in results]
+    lines = [line for r in results for line in error_lines(r.stderr)]
+    assert len(lines) == 1 and "Read-only file system" in lines[0], [r.stderr for r in results]
+    assert not any("Traceback" in r.stderr for r in results)
+    assert_last_checkpoint_loads(out / "checkpoints")
+
+
+@pytest.mark.parametrize("spoil", ["read-only", "a file"])
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, mounts, spoil):
+    out = tmp_path / "run"
+    if spoil == "read-only":
+        read_only(out / "checkpoints", mounts)
+    else:
+        out.mkdir()
+        (out / "checkpoints").write_text("not a folder")
+    proc = run_train([*FAST, "data.synthetic=true", f"output_dir={out}", "max_steps=4"])
+    assert_one_clear_error(proc, str(out / "checkpoints"),
+                           "Read-only file system" if spoil == "read-only" else "is a file where a folder belongs")
+    assert not (out / "metrics.jsonl").exists()  # refused before the first step

@@ -20,6 +20,8 @@ import torch
 
 import cluster_netns
 from cluster_netns import Host, NetnsHosts, SessionLock
+from conftest import finish as finish_all
+from conftest import kill_session, output_tail, run_bounded, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/image/mnist_demo.yaml"
@@ -39,7 +41,7 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 
 def run_script(argv: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=launch_env(**env))
+    return run_bounded(argv, timeout, launch_env(**env))
 
 
 def load_state(run_dir: Path) -> dict:
@@ -84,17 +86,13 @@ def test_ddp_script_forwards_sigusr1_to_every_rank_which_save_and_resume(tmp_pat
             f"output_dir={tmp_path}"]
     launcher = subprocess.Popen(["launch/ddp.sh", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=launch_env(NPROC="2"), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "metrics.jsonl").is_file() or '"step": 2' not in (tmp_path / "metrics.jsonl").read_text():
-            assert launcher.poll() is None and time.monotonic() < deadline, "no training step 2 logged"
-            time.sleep(0.2)
-        launcher.send_signal(signal.SIGUSR1)
-        stdout, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode != 0, stdout + stderr
+    metrics = tmp_path / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and '"step": 2' in metrics.read_text(), launcher, timeout=180,
+               what="training step 2")
+    launcher.send_signal(signal.SIGUSR1)
+    done = finish_all([launcher], timeout=120)[0]
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode != 0, stdout + stderr
     assert stdout.count("received SIGUSR1") == 2, stdout + stderr
     stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
     assert load_state(tmp_path)["step"] == stopped
@@ -132,14 +130,14 @@ def start_on(host: Host, argv: list[str], log: Path, **env: str) -> subprocess.P
                                 env=launch_env(**env), start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> int:
-    """Wait; on timeout kill the launcher and its workers (its own session) and fail."""
+def finish(proc: subprocess.Popen, timeout: float, log: Path) -> int:
+    """Wait; on timeout kill the launcher and its workers (its own session) and fail with its log's tail."""
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        pytest.fail(f"{proc.args[-1]} still running after {timeout:.0f}s")
+        kill_session(proc)
+        pytest.fail(f"{proc.args[-1]} still running after {timeout:.0f}s; killed\n"
+                    f"{output_tail(str(log), log.read_text(errors='replace'), '')}")
 
 
 def test_torchrun_across_two_hosts_trains_and_only_global_rank_0_saves(hosts, tmp_path):
@@ -155,7 +153,7 @@ def test_torchrun_across_two_hosts_trains_and_only_global_rank_0_saves(hosts, tm
             "launch/multinode.sh", "--nnodes", "2", "--nproc", "2", "--head", head.name, "--port", "29400",
             "--id", "test-2nodes", "--timeout", "60", "--join-timeout", "120",
             "--config", CONFIG, *TINY, "max_steps=4", f"output_dir={tmp_path / host.name}"], logs[host.name])
-    codes = {name: finish(proc, timeout=300) for name, proc in procs.items()}
+    codes = {name: finish(proc, timeout=300, log=logs[name]) for name, proc in procs.items()}
     output = "\n".join(f"--- {name}\n{log.read_text()}" for name, log in logs.items())
     assert codes == {"n1": 0, "n2": 0}, output
     saved = [name for name in procs if (tmp_path / name / "checkpoints").exists()]
@@ -174,7 +172,7 @@ def test_unreachable_rendezvous_endpoint_fails_fast(hosts, tmp_path):
     log = tmp_path / "n1.log"
     proc = start_on(hosts[0], ["launch/multinode.sh", "--nnodes", "2", "--head", "10.200.0.77", "--port", "29400",
                                "--timeout", "5", "--config", CONFIG, *TINY], log)
-    code = finish(proc, timeout=120)
+    code = finish(proc, timeout=120, log=log)
     text = log.read_text()
     assert code == 1 and time.monotonic() - start < 60, text
     assert text.strip().splitlines()[-1] == (
@@ -185,7 +183,7 @@ def test_unreachable_rendezvous_endpoint_fails_fast(hosts, tmp_path):
 def test_head_name_that_does_not_resolve_fails_at_once(hosts, tmp_path):
     log = tmp_path / "n1.log"
     proc = start_on(hosts[0], ["launch/multinode.sh", "--nnodes", "2", "--head", "n9", "--config", CONFIG], log)
-    assert finish(proc, timeout=60) == 1, log.read_text()
+    assert finish(proc, timeout=60, log=log) == 1, log.read_text()
     assert "error: rendezvous head 'n9' does not resolve" in log.read_text()
 
 
@@ -200,7 +198,7 @@ def test_rendezvous_port_in_use_on_the_head_fails_at_once(hosts, tmp_path):
         log = tmp_path / "n1.log"
         proc = start_on(head, ["launch/multinode.sh", "--nnodes", "2", "--head", head.name, "--port", "29401",
                                "--config", CONFIG, *TINY], log)
-        code = finish(proc, timeout=120)
+        code = finish(proc, timeout=120, log=log)
     finally:
         squatter.kill()
         squatter.wait(timeout=10)

@@ -10,9 +10,12 @@ leaves the previous ``last.pt`` intact. A damaged newest file falls back to the 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,37 +49,60 @@ def checkpoint_dir(output_dir: str) -> Path:
 
 
 def save_checkpoint(payload: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, is_best: bool) -> Path:
-    """Write the checkpoint atomically, point last.pt (and best.pt) at it, prune old step files."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint atomically, point last.pt (and best.pt) at it, prune old step files.
+
+    Any failure (disk full, read-only or missing directory, permissions) is one UserError; the
+    temporary files of this save are removed and the previous checkpoints stay as they were.
+    """
     last = ckpt_dir / "last.pt"
-    if keep_last > 0:
-        target = ckpt_dir / f"step_{step:08d}.pt"
+    target = ckpt_dir / f"step_{step:08d}.pt" if keep_last > 0 else last
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(payload, target)
-        _atomic_link(target, last)
-    else:
-        target = last
-        _atomic_torch_save(payload, target)
-    if is_best:
-        _atomic_link(target, ckpt_dir / "best.pt")
+        if target != last:
+            _atomic_link(target, last)
+        if is_best:
+            _atomic_link(target, ckpt_dir / "best.pt")
+    # torch's zip writer reports a full disk as a RuntimeError ("file write failed", "unexpected pos")
+    except (OSError, RuntimeError) as e:
+        why = _write_failure(e, ckpt_dir)  # before cleaning up: a full disk is still full now
+        for name in (target.name, "last.pt", "best.pt"):
+            _remove_quietly(ckpt_dir / f"{name}.tmp")
+        raise UserError(f"could not write checkpoint {target}: {why}; the previous "
+                        "checkpoint is untouched (free space, fix permissions or choose another output_dir)") from None
     if keep_last > 0:
         for old in step_files(ckpt_dir)[keep_last:]:
-            old.unlink(missing_ok=True)
+            _remove_quietly(old)
     return target
+
+
+def _write_failure(error: BaseException, ckpt_dir: Path) -> str:
+    """What went wrong, in words: the OS error's own, or a full disk behind torch's RuntimeError."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"no space left on the device ({free // 1024} KiB free)"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _remove_quietly(path: Path) -> None:
+    """Best effort: on a read-only file system even removing our own temporary file fails."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e} "
-                        "(free space or fix permissions; the previous checkpoint is untouched)") from None
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
@@ -85,12 +111,20 @@ def _atomic_link(src: Path, dst: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
-    except OSError:  # file systems without hard links: copy instead
-        import shutil
-
-        shutil.copyfile(src, tmp)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        shutil.copyfile(src, tmp)  # file systems without hard links: copy instead
     os.replace(tmp, dst)
     _fsync_dir(dst.parent)
+
+
+def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
+    """*.tmp files a killed save left behind (only rank 0 writes, so none is in progress now)."""
+    stale = sorted(ckpt_dir.glob("*.tmp")) if ckpt_dir.is_dir() else []
+    for path in stale:
+        _remove_quietly(path)
+    return stale
 
 
 def _fsync_dir(path: Path) -> None:

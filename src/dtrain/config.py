@@ -183,12 +183,28 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist (pass --config configs/<workload>/<name>.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not a text file (a checkpoint or an archive?): give a YAML "
+                          "preset, e.g. --config configs/image/mnist_demo.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path!r} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem with its place (1-based line and column) and, for tabs, what to do."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = " (YAML indents with spaces, never tabs: replace the tab)" if "'\\t'" in problem else ""
+    return f"{where}{problem}{hint}"
 
 
 def _split_override(word: str) -> tuple[str, str]:

@@ -108,9 +108,14 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
     )
     seeded = EpochSeeded(train_set, cfg.seed, random_samples)
     sampler = ResumableSampler(seeded, env, seed=cfg.seed)
-    train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    # Each loader draws its workers' base seed from a generator of its own whenever an iterator is
+    # made. From the global generator, that draw would shift dropout's random stream, and a run
+    # resumed mid-epoch (which makes one iterator more) would no longer match an uninterrupted one.
+    train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(cfg.seed), **common)
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                            sampler=ShardSampler(len(val_set), env), drop_last=False, **common)
+                            sampler=ShardSampler(len(val_set), env), drop_last=False,
+                            generator=torch.Generator().manual_seed(cfg.seed), **common)
     return train_loader, sampler, val_loader
 
 

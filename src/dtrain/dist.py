@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -194,20 +197,52 @@ def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
     # env:// reads these; under srun we derived them ourselves. Under torchrun they are already set.
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
                       MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
+    # DDP imports torch._dynamo; imported after the process group exists, it keeps references to the
+    # default group that destroy_process_group does not clear, and the group's Gloo threads then
+    # outlive cleanup() (see cleanup). Imported first, it holds none.
+    import torch._dynamo as _dynamo  # noqa: F401 (binds no local `torch`)
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    where = f"the process group at {launch.master_addr}:{launch.master_port} as rank {launch.rank}/{launch.world_size}"
+    # torch times out most rendezvous waits itself; a program that accepts the connection on
+    # MASTER_PORT and never answers holds the store's handshake forever. This ends that wait.
+    hang = (f"could not join {where}: no answer within timeout_s={cfg.timeout_s:g} "
+            "(is another program listening on MASTER_PORT? are all ranks started?)")
     try:
-        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout,
-                                device_id=device if backend == "nccl" else None,
-                                **_rendezvous(launch, timeout, os.environ))
-        # NCCL all-reduces device tensors, so reading a flag back would make the CPU wait for the GPU.
-        host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        with deadline(cfg.timeout_s + JOIN_GRACE_S, hang, launch.rank):
+            dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
+                                    timeout=timeout, device_id=device if backend == "nccl" else None,
+                                    **_rendezvous(launch, timeout, os.environ))
+            # NCCL all-reduces device tensors, so reading a flag back would make the CPU wait for the GPU.
+            host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
-        raise UserError(f"could not join the process group at {launch.master_addr}:{launch.master_port} "
-                        f"as rank {launch.rank}/{launch.world_size} (timeout_s={cfg.timeout_s:g}): "
-                        f"{str(e).splitlines()[0]}", all_ranks=False) from None
+        raise UserError(f"could not join {where} (timeout_s={cfg.timeout_s:g}): {str(e).splitlines()[0]}",
+                        all_ranks=False) from None
     return DistEnv(mode="ddp", device=device, rank=launch.rank, local_rank=launch.local_rank,
                    world_size=launch.world_size, local_world_size=launch.local_world_size,
                    node_rank=launch.node_rank, backend=backend, host_group=host_group)
+
+
+JOIN_GRACE_S = 10.0  # torch's own rendezvous timeout (timeout_s) reports first, in its words, when it can
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: str, rank: int):
+    """End this process with one error line (exit 1) if the block is still running after `seconds`.
+
+    For waits that nothing inside torch times out. os._exit, because the stuck call holds the main
+    thread: no exception can reach it.
+    """
+    def give_up() -> None:
+        print(f"error [rank {rank}]: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _rendezvous(launch: Launch, timeout: datetime.timedelta, environ: Mapping[str, str]) -> dict[str, Any]:
@@ -248,7 +283,14 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 def cleanup(env: DistEnv) -> None:
+    """Destroy the process group while the interpreter is fully alive.
+
+    Its backend's worker threads are joined here only if nothing else still holds the group: the
+    models wrapped around it are freed first (gc, since DDP sits in reference cycles). A Gloo thread
+    that outlives this point can abort the process at exit: see train.py's exit_process.
+    """
     if env.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -349,6 +391,18 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agree_on_failure(failure: UserError | None, env: DistEnv) -> None:
+    """Raise on every rank when any rank failed: one error for the whole job, printed once by rank 0.
+
+    For steps every rank takes together (checking the output directory, writing a checkpoint): a
+    rank that raised alone would leave the others waiting for it in the next collective.
+    """
+    failures = gather_objects(None if failure is None else str(failure), env)
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise UserError(message if rank == 0 or env.world_size == 1 else f"(rank {rank}) {message}") from None
 
 
 def main_first(env: DistEnv, fn: Callable[[], Any]) -> Any:

@@ -16,7 +16,8 @@ from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
-from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, grads_to_none, no_sync, wrap
+from dtrain.dist import (DistEnv, agree_on_failure, all_reduce_sum, barrier, gather_objects, grads_to_none, no_sync,
+                         wrap)
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.optim import build_optimizer, build_scheduler
@@ -89,17 +90,34 @@ def run(cfg: Config, env: DistEnv) -> dict[str, float]:
 
 
 def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
-    out = Path(cfg.output_dir)
+    """Every rank can write output_dir, rank 0 also checkpoints/: checked before any training is spent."""
+    failure = None
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{env.rank}"
+        check_writable(Path(cfg.output_dir), env.rank)
+        if env.is_main and not cfg.eval_only:
+            ckpt_dir = ckpt.checkpoint_dir(cfg.output_dir)
+            check_writable(ckpt_dir, env.rank)
+            for stale in ckpt.remove_stale_temporaries(ckpt_dir):
+                print(f"removed {stale}: left by a save that was interrupted", flush=True)
+        if env.is_main:
+            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    except UserError as e:
+        failure = e
+    agree_on_failure(failure, env)
+
+
+def check_writable(folder: Path, rank: int) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{str(folder)!r} is a file where a folder belongs (move it, or choose another "
+                        "output_dir=...)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{rank}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"output_dir {str(out)!r} is not writable: {e.strerror or e} "
-                        "(choose another output_dir=...)") from None
-    if env.is_main:
-        save_config(cfg, out / "config.yaml")
+        raise UserError(f"{str(folder)!r} is not writable: {e.strerror or e} "
+                        "(fix it, or choose another output_dir=...)") from None
 
 
 def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
@@ -338,6 +356,7 @@ def save(t: Trainer, accuracy: float | None) -> None:
         state.best_accuracy = accuracy
     state.world_size = t.env.world_size
     rng = gather_objects(ckpt.rng_state(), t.env)
+    failure = None
     if t.env.is_main:
         payload = {
             "format_version": ckpt.FORMAT_VERSION,
@@ -350,8 +369,12 @@ def save(t: Trainer, accuracy: float | None) -> None:
             "rng": rng,
             "config": to_dict(t.cfg),
         }
-        ckpt.save_checkpoint(payload, ckpt.checkpoint_dir(t.cfg.output_dir), state.step, t.cfg.keep_last, is_best)
-    barrier(t.env)
+        try:
+            ckpt.save_checkpoint(payload, ckpt.checkpoint_dir(t.cfg.output_dir), state.step, t.cfg.keep_last,
+                                 is_best)
+        except UserError as e:
+            failure = e
+    agree_on_failure(failure, t.env)  # also the barrier: nobody runs ahead (or exits) before the file is in place
 
 
 def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimizer, scheduler,
