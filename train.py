@@ -14,7 +14,9 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import NoReturn
 
@@ -50,26 +52,42 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}; outputs in {cfg.output_dir}")
         return 0
-    except UserError as e:
-        report(e, env)
-        return e.exit_code
-    except StopTraining as e:  # a stop signal: the checkpoint is saved, resume=auto continues
-        return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside stop_signals: no save, but no traceback from every rank
+    except BaseException as error:
+        if threading.current_thread() is threading.main_thread():
+            # A DataLoader whose worker died raises from its SIGCHLD handler again at every later child
+            # exit, which would interrupt the report below.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        return exit_code_for(error, env)
+    finally:
+        if env is not None:
+            dist.cleanup(env)
+
+
+def exit_code_for(error: BaseException, env) -> int:
+    """Report how the run ended, in one line where it is not a bug; re-raise bugs (their traceback is the report)."""
+    from dtrain.data import worker_failure
+
+    if isinstance(error, UserError):
+        report(error, env)
+        return error.exit_code
+    if isinstance(error, StopTraining):  # a stop signal: the checkpoint is saved, resume=auto continues
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C outside stop_signals: no save, no traceback from every rank
         if env is None or env.is_main:
             print("interrupted: nothing saved since the last checkpoint (resume=auto continues from it)",
                   file=sys.stderr, flush=True)
         return 130
-    except Exception as e:
-        if env is None or not env.distributed or not dist.is_peer_failure(e):
-            raise  # a bug: the traceback is the useful report
-        # Another rank failed first and says why; this one only notes that it lost its peers.
-        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
+    if isinstance(error, Exception) and (why := worker_failure(error)) is not None:
+        report(UserError(why, all_ranks=False), env)
         return 1
-    finally:
-        if env is not None:
-            dist.cleanup(env)
+    if isinstance(error, Exception) and env is not None and env.distributed:
+        from dtrain import dist
+
+        if dist.is_peer_failure(error):  # another rank failed first and says why; this one lost its peers
+            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
+            return 1
+    raise error
 
 
 def report(error: UserError, env) -> None:
@@ -77,7 +95,8 @@ def report(error: UserError, env) -> None:
     rank = env.rank if env is not None else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if error.all_ranks and rank != 0:
         return
-    where = "" if error.all_ranks else f" [rank {rank}]"
+    alone = env is None or env.world_size == 1
+    where = "" if error.all_ranks or alone else f" [rank {rank}]"
     print(f"error{where}: {error}", file=sys.stderr, flush=True)
 
 
@@ -92,6 +111,8 @@ def exit_process(code: int) -> NoReturn:
     Everything this process writes is closed and flushed by now, so finalization has nothing left
     to do that matters.
     """
+    # A DataLoader's SIGCHLD handler raises in this thread when one of its workers dies, also while we exit.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     gc.collect()  # DataLoader iterators shut their worker processes down when collected
     logging.shutdown()
     sys.stdout.flush()
@@ -100,11 +121,12 @@ def exit_process(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
+    exit_code = 1
     try:
         exit_code = main()
     except SystemExit as e:  # argparse: --help (0), bad arguments (2)
         exit_code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException:  # a bug: its traceback is the useful report
         traceback.print_exc()
-        exit_code = 1
-    exit_process(exit_code)
+    finally:  # also when printing the report raised again
+        exit_process(exit_code)

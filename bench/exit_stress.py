@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,8 +112,8 @@ def run_torchrun(out: Path, case: str, timeout: float) -> tuple[bool, str]:
     # exit codes: the workers' own "stopped at step" line tells a clean stop.
     if case == "stop" and code == 1 and "stopped at step" in text and not aborted:
         return True, ""
-    worker_codes = [line.split(":", 1)[1].strip() for line in text.splitlines() if "exitcode" in line]
-    detail = f"; worker exit codes {', '.join(worker_codes)}" if worker_codes else ""
+    worker_codes = sorted(set(re.findall(r"exitcode\s*:\s*(-?\d+)", text)))  # torchrun's failure summary
+    detail = f"; worker exit codes {', '.join(describe(int(c)) for c in worker_codes)}" if worker_codes else ""
     return False, f"torchrun {describe(code)}{detail}: {last_line(text)}"
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster_netns import BRIDGE_ADDR, Host
+from cluster_netns import BRIDGE_ADDR, Host, wait_until_gone
 from conftest import free_port, without_launcher_vars
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "sinfo")
@@ -100,6 +100,8 @@ def stop_leftovers() -> None:
             continue  # gone
         if any(record["root"].encode() in data for data in proc_files):
             os.kill(pid, signal.SIGKILL)
+            wait_until_gone(lambda: Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline")
+                            .read_bytes() == proc_files[0], f"leftover Slurm daemon {pid}")
     shutil.rmtree(record["root"], ignore_errors=True)
     RECORD.unlink(missing_ok=True)
 

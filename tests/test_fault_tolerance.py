@@ -234,3 +234,31 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, mo
     assert_one_clear_error(proc, str(out / "checkpoints"),
                            "Read-only file system" if spoil == "read-only" else "is a file where a folder belongs")
     assert not (out / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_a_killed_data_loading_worker_is_one_line_and_leaves_no_process(tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
+                  "num_workers=2"])
+    wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2, workers
+    workers[0].kill()  # as the kernel's out-of-memory killer would
+    done = finish([proc], timeout=90)[0]
+    assert done.returncode == 1
+    assert_one_clear_error(done, "a data loading worker process died", "lower num_workers or batch_size")
+    psutil.wait_procs(workers, timeout=30)  # the other worker ends too (it would hold the job open under srun)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_ctrl_c_outside_the_stop_signals_is_one_line_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}"])
+    wait_until(lambda: logged_steps(out) >= 2, proc, what="2 logged steps")
+    proc.send_signal(signal.SIGINT)
+    done = finish([proc], timeout=60)[0]
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("interrupted: nothing saved since the last checkpoint")
+    assert "Traceback" not in done.stderr

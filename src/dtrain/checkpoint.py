@@ -166,6 +166,9 @@ def resume_candidates(resume: str, output_dir: str) -> list[Path]:
     if not resume:
         return []
     if resume != "auto":
+        if Path(resume).is_dir():
+            raise UserError(f"resume={resume!r} is a folder: give a checkpoint file in it (e.g. "
+                            f"{Path(resume) / 'checkpoints' / 'last.pt'}), or resume=auto")
         if not Path(resume).is_file():
             raise UserError(f"resume file {resume!r} does not exist (give a checkpoint .pt file, or resume=auto)")
         return [Path(resume)]

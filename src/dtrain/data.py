@@ -126,6 +126,18 @@ def ignore_signals(names: list[str], worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def worker_failure(error: BaseException) -> str | None:
+    """What to tell the user when `error` (or one it arose from) says a DataLoader worker process died."""
+    while error is not None:
+        text = str(error).strip()
+        if isinstance(error, RuntimeError) and "DataLoader worker" in text:
+            return (f"a data loading worker process died ({text.splitlines()[0].rstrip('. ')}); if the machine "
+                    "ran out of memory (see dmesg), lower num_workers or batch_size; resume=auto continues "
+                    "from the last checkpoint")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def to_device(batch, device: torch.device):
     """Tensors inside tuples/lists/dicts go to the device (asynchronously from pinned memory)."""
     if isinstance(batch, torch.Tensor):

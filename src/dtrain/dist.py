@@ -72,6 +72,14 @@ class Launch:
 
 def read_launch(environ: Mapping[str, str] = os.environ) -> Launch | None:
     """torchrun/env:// variables first; else srun's SLURM_* (only inside a job step); else None."""
+    launch = _read_launch(environ)
+    if launch is not None and not 0 <= launch.rank < launch.world_size:
+        raise UserError(f"rank {launch.rank} is outside a world of {launch.world_size} processes ({launch.source} "
+                        "variables): each process needs a distinct rank 0..world size - 1", all_ranks=False)
+    return launch
+
+
+def _read_launch(environ: Mapping[str, str]) -> Launch | None:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         world_size = _int_var(environ, "WORLD_SIZE")
         local_world_size = _int_var(environ, "LOCAL_WORLD_SIZE", default=world_size)

@@ -383,6 +383,9 @@ def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimiz
     found = ckpt.load_latest(ckpt.resume_candidates(cfg.resume, cfg.output_dir),
                              warn=lambda msg: print(msg, flush=True) if env.is_main else None)
     if found is None:
+        if cfg.eval_only:  # evaluating freshly initialised weights would report a meaningless score
+            raise UserError(f"eval_only=true found no checkpoint in {ckpt.checkpoint_dir(cfg.output_dir)}: "
+                            "give resume=PATH, or the output_dir of a trained run")
         return None
     path, data = found
     ckpt.check_identity(data, task.identity, path)
