@@ -92,12 +92,20 @@ def exit_code_for(error: BaseException, env) -> int:
 
 def report(error: UserError, env) -> None:
     """One line per job: rank 0 reports errors every rank shares; a rank alone in its error names itself."""
-    rank = env.rank if env is not None else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = env.rank if env is not None else launcher_int("RANK", "SLURM_PROCID", 0)
+    world_size = env.world_size if env is not None else launcher_int("WORLD_SIZE", "SLURM_NTASKS", 1)
     if error.all_ranks and rank != 0:
         return
-    alone = env is None or env.world_size == 1
-    where = "" if error.all_ranks or alone else f" [rank {rank}]"
+    where = "" if error.all_ranks or world_size == 1 else f" [rank {rank}]"
     print(f"error{where}: {error}", file=sys.stderr, flush=True)
+
+
+def launcher_int(name: str, slurm_name: str, default: int) -> int:
+    """A launcher variable before the launch was understood (it may be the very thing that is wrong)."""
+    try:
+        return int(os.environ.get(name, os.environ.get(slurm_name, default)))
+    except ValueError:
+        return default
 
 
 def exit_process(code: int) -> NoReturn:
