@@ -76,7 +76,7 @@ def test_accumulating_k_micro_batches_equals_one_step_at_k_times_the_batch(refer
 # torchrun: the wrapped model gets a DDP communication hook that counts all-reduce rounds
 # (one per backward that synchronizes), and each rank reports its thread count at exit.
 COUNTING_TRAIN = """
-import atexit, json, os, runpy, sys
+import json, os, runpy, sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 import dtrain.loop
@@ -94,14 +94,13 @@ def wrap(model, env, ddp_cfg):
     return wrapped
 dtrain.loop.wrap = wrap
 
-@atexit.register
-def report():
-    with open(os.environ["REPORT"] + "." + os.environ["RANK"], "w") as f:
-        json.dump({"all_reduce_rounds": len(rounds), "threads": torch.get_num_threads()}, f)
-
 torch.set_num_threads(3)  # what the process would keep if the project did not set its own count
 sys.argv = [os.environ["TRAIN"], *sys.argv[1:]]
-runpy.run_path(os.environ["TRAIN"], run_name="__main__")
+train = runpy.run_path(os.environ["TRAIN"], run_name="train")
+code = train["main"]()
+with open(os.environ["REPORT"] + "." + os.environ["RANK"], "w") as f:
+    json.dump({"all_reduce_rounds": len(rounds), "threads": torch.get_num_threads()}, f)
+train["exit_process"](code)
 """
 
 
