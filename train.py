@@ -1,11 +1,13 @@
-"""Train an image classifier or a BERT text classifier: on one device, with DataParallel, or with DDP.
+"""Train an image classifier or a BERT text classifier: on one device, with DataParallel, DDP or FSDP.
 
     python train.py --config configs/image/mnist_demo.yaml [key=value ...]       # one process
     python train.py --config configs/image/mnist_demo.yaml mode=dp               # all local GPUs, one process
     torchrun --standalone --nproc_per_node=2 train.py --config configs/image/mnist_demo.yaml   # DDP
+    torchrun --standalone --nproc_per_node=2 train.py --config ... mode=fsdp     # sharded (FSDP2)
     srun python train.py --config ...                                            # DDP under SLURM
 
-Only the launch command changes; dtrain.dist reads it from the environment.
+Only the launch command changes; dtrain.dist reads it from the environment, dtrain.strategies
+holds what each mode does with the model.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from dtrain import dist  # torch is imported only once the command line is known to be good
         from dtrain.loop import run
+        from dtrain.strategies import build_strategy
 
         env = dist.setup(cfg)
-        metrics = run(cfg, env)
+        metrics = run(cfg, env, build_strategy(cfg, env))
         if env.is_main:
             print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}; outputs in {cfg.output_dir}")
         return 0

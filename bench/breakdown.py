@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=2 bench/breakdown.py --out DIR key=value ...   # DDP
 
 An instrumented copy of the shared loop's step, built from the project's own pieces (config, dist.setup,
-the workload's Task, make_loaders, wrap, build_optimizer, the loop's autocast), so dtrain/loop.py
+the workload's Task, make_loaders, the mode's strategy, build_optimizer, the loop's autocast), so dtrain/loop.py
 stays free of timers. DDP overlaps the all-reduce with the backward pass: whatever part of it is not
 hidden shows up as a longer backward (and a rank that waits for a slower peer waits there too).
 Under DDP, steps alternate between a normal one and one with the all-reduce skipped (no_sync), so the
@@ -37,6 +37,7 @@ from dtrain.config import load_config  # noqa: E402
 from dtrain.data import make_loaders, to_device  # noqa: E402
 from dtrain.loop import autocast_context, seed_everything  # noqa: E402
 from dtrain.optim import build_optimizer  # noqa: E402
+from dtrain.strategies import SingleDevice, build_strategy  # noqa: E402
 from dtrain.workloads import build_task  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -69,14 +70,14 @@ def main(argv=None) -> None:
 def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
-    raw_model = task.model.to(env.device)
+    ddp = env.distributed and not no_ddp
+    # The loop's own set-up: the mode's strategy wraps the model (a plain copy per rank with --no-ddp).
+    strategy = build_strategy(cfg, env) if ddp else SingleDevice(cfg, env)
+    model = strategy.wrap(task.model, task.units(task.model))
+    raw_model = strategy.raw_model
     optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
     train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
                                             task.random_samples)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    ddp = env.distributed and not no_ddp
-    if ddp:
-        model = dist.wrap(model, env, cfg.ddp)
     # (name, skip the all-reduce): under DDP every other step skips it
     variants = [("ddp", False), ("ddp_no_allreduce", True)] if ddp else [("steps", False)]
     total = (warmup + steps) * len(variants)
@@ -98,7 +99,7 @@ def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
         sync()
         t1 = time.perf_counter()
         # no_sync has to cover the forward pass too: DDP's forward prepares the backward all-reduce.
-        with dist.no_sync(model, skip=skip_allreduce):
+        with strategy.no_sync(skip=skip_allreduce):
             with autocast:
                 loss = task.train_loss(model, batch)
             sync()
@@ -107,11 +108,10 @@ def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
             sync()
         t3 = time.perf_counter()
         scaler.unscale_(optimizer)
-        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-        bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))  # the loop's finiteness check (grad_clip=0)
+        bool(torch.isfinite(strategy.clip_grad_norm(cfg.optim.grad_clip)))  # the loop's finiteness check
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=dist.grads_to_none(model, cfg.ddp))  # as the loop does
+        optimizer.zero_grad(set_to_none=strategy.zero_grad_to_none)  # as the loop does
         sync()
         t4, c4 = time.perf_counter(), time.process_time()
         if step >= warmup * len(variants):

@@ -36,6 +36,7 @@ from dtrain.config import load_config  # noqa: E402
 from dtrain.data import make_loaders, to_device  # noqa: E402
 from dtrain.loop import autocast_context, seed_everything  # noqa: E402
 from dtrain.optim import build_optimizer  # noqa: E402
+from dtrain.strategies import build_strategy  # noqa: E402
 from dtrain.workloads import build_task  # noqa: E402
 
 SKIPPED = "all-reduce skipped"
@@ -137,8 +138,9 @@ def worker(args) -> int:
         for label, cfg in configs.items():  # the same seed: every variant starts from the same weights
             seed_everything(cfg.seed, cfg.deterministic)
             task = build_task(cfg, env)
-            raw = task.model.to(env.device)
-            models[label] = (cfg, task, dist.wrap(raw, env, cfg.ddp), build_optimizer(raw, cfg.optim, task.is_no_decay))
+            strategy = build_strategy(cfg, env)  # the loop's own wrapping, with this variant's ddp.* keys
+            strategy.wrap(task.model, task.units(task.model))
+            models[label] = (strategy, task, build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay))
         models[SKIPPED] = next(iter(models.values()))  # the first variant's copy, its all-reduce skipped
         task = models[SKIPPED][1]
         loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, first, env,
@@ -154,25 +156,26 @@ def worker(args) -> int:
 def round_robin(models: dict, loader, sampler, env, args) -> dict[str, list[float]]:
     """Step every variant once per round, the order reversed every other round; ms per timed step."""
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    autocast = autocast_context(env.device, next(iter(models.values()))[0].precision)
+    autocast = autocast_context(env.device, next(iter(models.values()))[0].cfg.precision)
     sampler.start_epoch(0)
     batches = iter(loader)
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(args.warmup + args.rounds):
         for name in names if rnd % 2 == 0 else names[::-1]:
-            cfg, task, model, optimizer = models[name]
+            strategy, task, optimizer = models[name]
+            model = strategy.model
             model.train()
             batch = to_device(next(batches), env.device)  # outside the timed part: data is not the question here
             dist.barrier(env)
             sync()
             t0 = time.perf_counter()
-            with dist.no_sync(model, skip=name == SKIPPED):
+            with strategy.no_sync(skip=name == SKIPPED):
                 with autocast:
                     loss = task.train_loss(model, batch)
                 loss.backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=dist.grads_to_none(model, cfg.ddp))
+            optimizer.zero_grad(set_to_none=strategy.zero_grad_to_none)
             sync()
             if rnd >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - t0))

@@ -22,8 +22,8 @@ def test_save_writes_step_file_last_and_best_without_leftovers(tmp_path):
         ckpt.save_checkpoint(payload(step), tmp_path, step=step, keep_last=2, is_best=step == 2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best.pt", "last.pt", "step_00000002.pt", "step_00000003.pt"]  # step 1 pruned, no *.tmp
-    assert ckpt.load_checkpoint(tmp_path / "last.pt")["model"]["w"][0] == 3
-    assert ckpt.load_checkpoint(tmp_path / "best.pt")["model"]["w"][0] == 2  # survives pruning of its step file
+    assert ckpt.read_checkpoint(tmp_path / "last.pt").data["model"]["w"][0] == 3
+    assert ckpt.read_checkpoint(tmp_path / "best.pt").data["model"]["w"][0] == 2  # survives pruning of its step file
 
 
 def test_keep_last_zero_keeps_only_last(tmp_path):
@@ -36,7 +36,7 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     bad["state"] = collections.OrderedDict(x=object.__new__(ckpt.TrainState))  # not an allowed type
     torch.save(bad, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="unreadable"):
-        ckpt.load_checkpoint(tmp_path / "evil.pt")
+        ckpt.read_checkpoint(tmp_path / "evil.pt")
 
 
 def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
@@ -44,10 +44,10 @@ def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
     data = (tmp_path / "last.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=r"checkpoint .*cut.pt is unreadable"):
-        ckpt.load_checkpoint(tmp_path / "cut.pt")
+        ckpt.read_checkpoint(tmp_path / "cut.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not a dtrain checkpoint"):
-        ckpt.load_checkpoint(tmp_path / "foreign.pt")
+        ckpt.read_checkpoint(tmp_path / "foreign.pt")
 
 
 def test_damaged_newest_falls_back_to_previous(tmp_path):
@@ -58,8 +58,8 @@ def test_damaged_newest_falls_back_to_previous(tmp_path):
     newest = d / "step_00000002.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # damages last.pt too: same inode
     warnings = []
-    path, data = ckpt.load_latest(ckpt.resume_candidates("auto", str(out)), warn=warnings.append)
-    assert path.name == "step_00000001.pt" and data["state"]["step"] == 1
+    found = ckpt.load_latest(ckpt.resume_candidates("auto", str(out)), warn=warnings.append)
+    assert found.path.name == "step_00000001.pt" and found.data["state"]["step"] == 1
     assert len(warnings) == 2 and "trying an older checkpoint" in warnings[0]
 
 
@@ -87,7 +87,7 @@ def test_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
         ckpt.save_checkpoint(payload(2), tmp_path, step=2, keep_last=0, is_best=False)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    assert ckpt.load_checkpoint(tmp_path / "last.pt")["state"]["step"] == 1
+    assert ckpt.read_checkpoint(tmp_path / "last.pt").data["state"]["step"] == 1
 
 
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):

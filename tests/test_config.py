@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_one_clear_error, run_train
-from dtrain.config import (Config, DDPConfig, OptimConfig, WORKLOAD_SECTIONS, config_from_dict, help_text,
-                           load_config, to_dict)
+from dtrain.config import (SECTIONS, WORKLOAD_SECTIONS, Config, config_from_dict, help_text, load_config,
+                           section_types, to_dict)
 from dtrain.errors import ConfigError
 
 
@@ -84,17 +84,20 @@ def test_resolved_config_round_trips_through_yaml():
     assert again == cfg
 
 
+def every_key() -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every config key of every workload."""
+    keys = [(f.name, f) for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    for workload in WORKLOAD_SECTIONS:
+        for section, cls in section_types(workload).items():
+            keys += [(f"{section}.{f.name}", f) for f in dataclasses.fields(cls)]
+    return list(dict(keys).items())
+
+
 def test_help_lists_every_key_with_type_and_default():
     text = help_text()
-    sections = [(Config, ""), (OptimConfig, "optim."), (DDPConfig, "ddp.")]
-    sections += [(cls, prefix) for model_t, data_t in WORKLOAD_SECTIONS.values()
-                 for cls, prefix in ((model_t, "model."), (data_t, "data."))]
-    for cls, prefix in sections:
-        for f in dataclasses.fields(cls):
-            if f.name in ("optim", "ddp", "model", "data") and cls is Config:
-                continue
-            assert f"  {prefix}{f.name} " in text, f"{prefix}{f.name} missing from --help"
-            assert f.metadata.get("help"), f"{prefix}{f.name} has no help text"
+    for key, f in every_key():
+        assert f"  {key} " in text, f"{key} missing from --help"
+        assert f.metadata.get("help"), f"{key} has no help text"
 
 
 def test_cli_help_and_cli_errors_exit_2_with_one_line():
@@ -123,10 +126,5 @@ def test_unreadable_config_files_are_one_line_with_the_place(tmp_path, content, 
 
 def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
-    sections = [(Config, ""), (OptimConfig, "optim."), (DDPConfig, "ddp.")]
-    sections += [(cls, prefix) for model_t, data_t in WORKLOAD_SECTIONS.values()
-                 for cls, prefix in ((model_t, "model."), (data_t, "data."))]
-    missing = [f"{prefix}{f.name}" for cls, prefix in sections for f in dataclasses.fields(cls)
-               if not (cls is Config and f.name in ("optim", "ddp", "model", "data"))
-               and f"`{prefix}{f.name}`" not in readme]
+    missing = [key for key, _ in every_key() if f"`{key}`" not in readme]
     assert not missing, f"README.md does not document: {missing}"

@@ -9,6 +9,7 @@ from dtrain import loop
 from dtrain.config import load_config
 from dtrain.data import EpochSeeded, ResumableSampler, ShardSampler
 from dtrain.dist import DistEnv
+from dtrain.strategies import build_strategy
 from dtrain.workloads import Task
 
 
@@ -126,7 +127,8 @@ def test_loop_reshuffles_each_epoch_and_evaluates_every_sample(tmp_path, monkeyp
     monkeypatch.setattr(loop, "build_task", lambda cfg, env: task)
     cfg = load_config(None, [f"output_dir={tmp_path}", "epochs=2", "batch_size=4", "num_workers=0",
                              "progress=false"])
-    metrics = loop.run(cfg, env_of(0, 1))
+    env = env_of(0, 1)
+    metrics = loop.run(cfg, env, build_strategy(cfg, env))
     epochs = [train.seen[:12], train.seen[12:24]]
     assert len(train.seen) == 24 and all(sorted(e) == list(range(12)) for e in epochs)
     assert epochs[0] != epochs[1]  # set_epoch reached the sampler

@@ -1,4 +1,4 @@
-"""The CPU / DataParallel / DDP switch: launcher detection, mode resolution, wrap/unwrap."""
+"""The CPU / DataParallel / DDP / FSDP switch: launcher detection, mode resolution, each mode's wrapping."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch import nn
 
 from dtrain import dist as dtrain_dist
 from dtrain.config import load_config
-from dtrain.dist import (DistEnv, first_host, grads_to_none, read_launch, setup, slurm_port, threads_per_process,
-                         unwrap, wrap)
+from dtrain.dist import DistEnv, first_host, read_launch, setup, slurm_port, threads_per_process
+from dtrain.strategies import build_strategy
 from dtrain.errors import UserError
 
 TORCHRUN_ENV = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
@@ -107,43 +107,46 @@ def test_unreachable_rendezvous_fails_within_the_timeout(monkeypatch):
     assert time.monotonic() - start < 60
 
 
-def test_wrap_and_unwrap_single_and_ddp(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    single = DistEnv(mode="single", device=torch.device("cpu"))
+def test_each_mode_wraps_the_model_and_keeps_the_plain_one(tmp_path):
     cfg = load_config(None, [])
-    assert wrap(model, single, cfg.ddp) is model and unwrap(model) is model
+    single = build_strategy(cfg, DistEnv(mode="single", device=torch.device("cpu")))
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert single.wrap(model, []) is model and single.raw_model is model and single.eval_model() is model
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        env = DistEnv(mode="ddp", device=torch.device("cpu"), backend="gloo")
-        wrapped = wrap(model, env, cfg.ddp)
+        ddp = build_strategy(cfg, DistEnv(mode="ddp", device=torch.device("cpu"), backend="gloo"))
+        wrapped = ddp.wrap(model, [])
         assert isinstance(wrapped, nn.parallel.DistributedDataParallel)
-        assert unwrap(wrapped) is model
-        assert set(unwrap(wrapped).state_dict()) == set(model.state_dict())  # no "module." prefix
+        assert ddp.raw_model is model and ddp.eval_model() is model  # evaluation skips DDP's forward
         assert all(k.startswith("module.") for k in wrapped.state_dict())
-        assert unwrap(nn.DataParallel(model)) is model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model_state, _ = ddp.state_dicts(optimizer)
+        assert set(model_state) == set(model.state_dict())  # the checkpoint format has no "module." prefix
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_gradients_stay_views_of_the_all_reduce_buckets_between_steps(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     cfg = load_config(None, [])
-    assert grads_to_none(model, cfg.ddp)  # a plain model: None is cheapest
+    single = build_strategy(cfg, DistEnv(mode="single", device=torch.device("cpu")))
+    assert single.zero_grad_to_none  # a plain model: None is cheapest
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        wrapped = wrap(model, DistEnv(mode="ddp", device=torch.device("cpu"), backend="gloo"), cfg.ddp)
+        env = DistEnv(mode="ddp", device=torch.device("cpu"), backend="gloo")
+        ddp = build_strategy(cfg, env)
+        wrapped = ddp.wrap(model, [])
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(3):  # DDP rebuilds its buckets once, after the first step
             wrapped(torch.randn(5, 4)).sum().backward()
             in_bucket = [p.grad.data_ptr() for p in model.parameters()]
             optimizer.step()
-            optimizer.zero_grad(set_to_none=grads_to_none(wrapped, cfg.ddp))
+            optimizer.zero_grad(set_to_none=ddp.zero_grad_to_none)
             # Zeroed in place, still the bucket's memory: the next backward allocates and copies nothing.
             assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
             assert [p.grad.data_ptr() for p in model.parameters()] == in_bucket
-        unused = load_config(None, ["ddp.find_unused_parameters=true"]).ddp
-        assert grads_to_none(wrapped, unused) and grads_to_none(wrapped, load_config(
-            None, ["ddp.gradient_as_bucket_view=false"]).ddp)
+        for option in ("ddp.find_unused_parameters=true", "ddp.gradient_as_bucket_view=false"):
+            assert build_strategy(load_config(None, [option]), env).zero_grad_to_none
     finally:
         dist.destroy_process_group()
 

@@ -79,7 +79,7 @@ COUNTING_TRAIN = """
 import json, os, runpy, sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-import dtrain.loop
+import dtrain.strategies
 
 rounds = []
 def counting_hook(state, bucket):
@@ -87,12 +87,12 @@ def counting_hook(state, bucket):
         rounds.append(1)
     return allreduce_hook(state, bucket)
 
-original_wrap = dtrain.loop.wrap
-def wrap(model, env, ddp_cfg):
-    wrapped = original_wrap(model, env, ddp_cfg)
+original_wrap = dtrain.strategies.DDP._wrap
+def wrap(self, model):
+    wrapped = original_wrap(self, model)
     wrapped.register_comm_hook(None, counting_hook)
     return wrapped
-dtrain.loop.wrap = wrap
+dtrain.strategies.DDP._wrap = wrap
 
 torch.set_num_threads(3)  # what the process would keep if the project did not set its own count
 sys.argv = [os.environ["TRAIN"], *sys.argv[1:]]

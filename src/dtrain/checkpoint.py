@@ -1,21 +1,34 @@
-"""Checkpoints: written by rank 0 only, atomically, from the unwrapped model; loaded weights-only.
+"""Checkpoints: atomic, loadable in every mode, never unpickling arbitrary objects.
 
 Layout under ``<output_dir>/checkpoints/``:
-  step_00001234.pt  one file per save (the newest ``keep_last`` are kept; 0 = none kept)
-  last.pt           the newest save (a hard link to its step file, or the file itself)
-  best.pt           the save with the best validation accuracy so far
-A save never overwrites a file in place: it writes ``*.tmp``, fsyncs, then renames, so a crash
-leaves the previous ``last.pt`` intact. A damaged newest file falls back to the one before it.
+  step_00001234.pt   one file, written by rank 0 (modes that replicate the model: one device, DP, DDP)
+  step_00001234/     a sharded checkpoint (FSDP), written by every rank: torch.distributed.checkpoint's
+                     .metadata and __<rank>_0.distcp files hold the tensors, train_state.pt the rest
+  last.pt | last     the newest save: a hard link to the step file | a symbolic link to the step folder
+  best.pt | best     the save with the best validation accuracy so far, likewise
+The newest ``keep_last`` step entries are kept (and the one ``best`` names). Both kinds hold the same
+state keyed by parameter names, so every mode resumes from either kind (``python -m
+dtrain.checkpoint consolidate`` turns a sharded one into one file).
+
+A save never overwrites anything in place: it writes ``*.tmp``, fsyncs, then renames, so a crash
+leaves the previous checkpoint intact; a damaged newest checkpoint falls back to the one before it.
+Loading reads tensors and plain data only (``torch.load(weights_only=True)``, and a sharded
+checkpoint's metadata is checked against an allow-list before torch.distributed.checkpoint reads it).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import io
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +37,11 @@ import torch
 
 from dtrain.errors import UserError
 
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format_version", "identity", "model", "optimizer", "scheduler", "scaler", "state", "config")
-STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+FORMAT_VERSION = 2  # 1: optimizer state by parameter position (torch's own format); 2: by parameter name
+READABLE_VERSIONS = (1, 2)
+REQUIRED_KEYS = ("format_version", "identity", "scheduler", "scaler", "state", "config")
+STATE_FILE = "train_state.pt"  # in a sharded checkpoint: everything but the tensors
+STEP_ENTRY = re.compile(r"step_(\d+)(\.pt)?$")
 
 
 @dataclass
@@ -40,40 +55,91 @@ class TrainState:
     world_size: int = 1  # world size that wrote the checkpoint
 
 
+@dataclass
+class Checkpoint:
+    """A checkpoint that passed its checks. A single file's tensors are in `data`; a sharded one's are
+    read by load_sharded_tensors, into tensors this rank already holds."""
+
+    path: Path
+    data: dict[str, Any]  # everything (single file) or everything but the tensors (sharded)
+
+    @property
+    def sharded(self) -> bool:
+        return self.path.is_dir()
+
+
 def checkpoint_dir(output_dir: str) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving (rank 0)
+# Saving
 
 
 def save_checkpoint(payload: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, is_best: bool) -> Path:
-    """Write the checkpoint atomically, point last.pt (and best.pt) at it, prune old step files.
+    """Rank 0: write one file atomically, point last.pt (and best.pt) at it, prune old step entries.
 
     Any failure (disk full, read-only or missing directory, permissions) is one UserError; the
     temporary files of this save are removed and the previous checkpoints stay as they were.
     """
-    last = ckpt_dir / "last.pt"
-    target = ckpt_dir / f"step_{step:08d}.pt" if keep_last > 0 else last
-    try:
+    target = ckpt_dir / f"step_{step:08d}.pt" if keep_last > 0 else ckpt_dir / "last.pt"
+    with _save_errors(ckpt_dir, target, [f"{target.name}.tmp", "last.pt.tmp", "best.pt.tmp"]):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(payload, target)
-        if target != last:
-            _atomic_link(target, last)
-        if is_best:
-            _atomic_link(target, ckpt_dir / "best.pt")
-    # torch's zip writer reports a full disk as a RuntimeError ("file write failed", "unexpected pos")
-    except (OSError, RuntimeError) as e:
-        why = _write_failure(e, ckpt_dir)  # before cleaning up: a full disk is still full now
-        for name in (target.name, "last.pt", "best.pt"):
-            _remove_quietly(ckpt_dir / f"{name}.tmp")
-        raise UserError(f"could not write checkpoint {target}: {why}; the previous "
-                        "checkpoint is untouched (free space, fix permissions or choose another output_dir)") from None
-    if keep_last > 0:
-        for old in step_files(ckpt_dir)[keep_last:]:
-            _remove_quietly(old)
+        for name in ("last", "best") if is_best else ("last",):
+            if target.name != f"{name}.pt":
+                _atomic_link(target, ckpt_dir / f"{name}.pt")
+            _remove_quietly(ckpt_dir / name)  # a sharded save's pointer: this one is newer
+    prune(ckpt_dir, keep_last)
     return target
+
+
+def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int,
+                 is_best: bool, is_main: bool) -> Path:
+    """Every rank: write this rank's tensors into step_N.tmp/ (a collective), then rank 0 adds the rest
+    (meta), renames the folder to step_N/ and points last (and best) at it.
+
+    A failure on any rank raises on every rank (torch.distributed.checkpoint gathers them); rank 0's
+    own steps raise on rank 0 only (the caller makes every rank learn of it).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = ckpt_dir / f"step_{step:08d}"
+    staging = final.with_name(final.name + ".tmp")
+    with _save_errors(ckpt_dir, final, [staging.name]):
+        dcp.save(tensors, checkpoint_id=staging, no_dist=not _distributed())
+    if not is_main:
+        return final
+    with _save_errors(ckpt_dir, final, [staging.name, "last.tmp", "best.tmp"]):
+        _atomic_torch_save(meta, staging / STATE_FILE)
+        for part in staging.iterdir():  # DCP does not fsync what it wrote
+            _fsync(part)
+        if final.exists():  # the same step saved again (a resumed run that stopped where it started)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync(ckpt_dir)
+        for name in ("last", "best") if is_best else ("last",):
+            _atomic_symlink(final.name, ckpt_dir / name)
+            _remove_quietly(ckpt_dir / f"{name}.pt")  # a single-file save's pointer: this one is newer
+    prune(ckpt_dir, max(keep_last, 1))  # the folder `last` points to is the newest step entry itself
+    return final
+
+
+@contextlib.contextmanager
+def _save_errors(ckpt_dir: Path, target: Path, temporaries: list[str]):
+    """Turn a failed write into one UserError, after removing this save's temporary files (names in ckpt_dir)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    # torch's zip writer reports a full disk as a RuntimeError ("file write failed", "unexpected pos");
+    # torch.distributed.checkpoint gathers every rank's failure into a CheckpointException.
+    except (OSError, RuntimeError, CheckpointException) as e:
+        why = _write_failure(e, ckpt_dir)  # before cleaning up: a full disk is still full now
+        for name in temporaries:
+            _remove_quietly(ckpt_dir / name)
+        raise UserError(f"could not write checkpoint {target}: {why}; the previous checkpoint is untouched "
+                        "(free space, fix permissions or choose another output_dir)") from None
 
 
 def _write_failure(error: BaseException, ckpt_dir: Path) -> str:
@@ -86,13 +152,17 @@ def _write_failure(error: BaseException, ckpt_dir: Path) -> str:
         free = None
     if free is not None and free < 1 << 20:
         return f"no space left on the device ({free // 1024} KiB free)"
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _remove_quietly(path: Path) -> None:
     """Best effort: on a read-only file system even removing our own temporary file fails."""
     with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -102,7 +172,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
@@ -116,18 +186,19 @@ def _atomic_link(src: Path, dst: Path) -> None:
             raise
         shutil.copyfile(src, tmp)  # file systems without hard links: copy instead
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    _fsync(dst.parent)
 
 
-def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
-    """*.tmp files a killed save left behind (only rank 0 writes, so none is in progress now)."""
-    stale = sorted(ckpt_dir.glob("*.tmp")) if ckpt_dir.is_dir() else []
-    for path in stale:
-        _remove_quietly(path)
-    return stale
+def _atomic_symlink(target_name: str, link: Path) -> None:
+    """`link` names the folder `target_name` beside it (relative: the run folder can move)."""
+    tmp = link.with_name(link.name + ".tmp")
+    _remove_quietly(tmp)
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+    _fsync(link.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -135,54 +206,149 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def step_files(ckpt_dir: Path) -> list[Path]:
-    """Step-numbered checkpoints, newest first."""
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := STEP_FILE.search(p.name))]
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def step_entries(ckpt_dir: Path) -> list[Path]:
+    """Step-numbered checkpoints, files and folders, newest first."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step_*") if (m := STEP_ENTRY.search(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Remove step entries beyond the newest keep_last, except the folder `best` names."""
+    best = ckpt_dir / "best"
+    kept = best.resolve() if best.is_symlink() else None
+    for old in step_entries(ckpt_dir)[keep_last:]:
+        if old.resolve() != kept:
+            _remove_quietly(old)
+
+
+def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
+    """*.tmp files and folders a killed save left behind (no save is in progress when a run starts)."""
+    stale = sorted(ckpt_dir.glob("*.tmp")) if ckpt_dir.is_dir() else []
+    for path in stale:
+        _remove_quietly(path)
+    return stale
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and check structure. Never unpickles arbitrary objects (weights_only=True)."""
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Load (a single file) or check (a sharded folder) a checkpoint. Never unpickles arbitrary objects."""
+    if path.is_dir():
+        data = _load_weights_only(path / STATE_FILE, shown=path)
+        _check_structure(data, path)
+        _check_shards(path)
+        return Checkpoint(path, data)
+    data = _load_weights_only(path, shown=path)
+    _check_structure(data, path)
+    if "model" not in data or "optimizer" not in data:
+        raise UserError(f"checkpoint {path} is not a dtrain checkpoint (missing model or optimizer)")
+    return Checkpoint(path, data)
+
+
+def _load_weights_only(path: Path, shown: Path) -> Any:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
+        raise UserError(f"checkpoint {shown} does not exist" if path == shown else
+                        f"checkpoint {shown} is unreadable (no {path.name}: an interrupted save?)") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, foreign object: all "unreadable"
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise UserError(f"checkpoint {shown} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _check_structure(data: Any, path: Path) -> None:
+    if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
         raise UserError(f"checkpoint {path} is not a dtrain checkpoint (missing {', '.join(missing)})")
-    if ckpt["format_version"] != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
-    return ckpt
+    if data["format_version"] not in READABLE_VERSIONS:
+        raise UserError(f"checkpoint {path} has format {data['format_version']}, this code reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
+
+
+# What a sharded checkpoint's .metadata may contain: torch.distributed.checkpoint reads it with plain
+# pickle, which would run any code a crafted file names.
+METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+
+def _check_shards(path: Path) -> None:
+    """The metadata is safe and plain, and every shard file holds every byte it points into."""
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} is unreadable (no .metadata: an interrupted save?)") from None
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or crafted: all "unreadable"
+        raise UserError(f"checkpoint {path} is unreadable (.metadata: {type(e).__name__}: {e})") from None
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    if any(isinstance(item, BytesStorageMetadata) for item in metadata.state_dict_metadata.values()):
+        raise UserError(f"checkpoint {path} holds pickled objects among its tensors; dtrain never writes those")
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    for name, size in needed.items():
+        shard = path / name
+        have = shard.stat().st_size if shard.is_file() else -1
+        if have < size:
+            what = "is missing" if have < 0 else f"is cut short ({have} of {size} bytes)"
+            raise UserError(f"checkpoint {path} is unreadable (its shard {name} {what})")
+
+
+def load_sharded_tensors(checkpoint: Checkpoint, tensors: dict[str, Any]) -> None:
+    """Read a sharded checkpoint's tensors into `tensors` (this rank's part; a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(tensors, checkpoint_id=checkpoint.path, no_dist=not _distributed())
+    except Exception as e:  # noqa: BLE001 - shapes that do not match this model, a damaged shard
+        raise UserError(f"checkpoint {checkpoint.path} does not load into this model: "
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def resume_candidates(resume: str, output_dir: str) -> list[Path]:
-    """Files to try, in order. resume='auto': last.pt then older step files; a path: that file only."""
+    """Checkpoints to try, in order. resume='auto': the newest (last) then older step entries; a path: that one."""
     if not resume:
         return []
     if resume != "auto":
-        if Path(resume).is_dir():
-            raise UserError(f"resume={resume!r} is a folder: give a checkpoint file in it (e.g. "
-                            f"{Path(resume) / 'checkpoints' / 'last.pt'}), or resume=auto")
-        if not Path(resume).is_file():
+        path = Path(resume)
+        if path.is_dir() and not (path / STATE_FILE).is_file():
+            raise UserError(f"resume={resume!r} is a folder, not a checkpoint: give a checkpoint in it (e.g. "
+                            f"{path / 'checkpoints' / 'last.pt'}), or resume=auto")
+        if not path.exists():
             raise UserError(f"resume file {resume!r} does not exist (give a checkpoint .pt file, or resume=auto)")
-        return [Path(resume)]
+        return [path]
     ckpt_dir = checkpoint_dir(output_dir)
-    candidates = [ckpt_dir / "last.pt"] + step_files(ckpt_dir)
-    return [p for p in candidates if p.exists()]
+    candidates = [ckpt_dir / "last.pt", ckpt_dir / "last"] + step_entries(ckpt_dir)
+    return [p for p in candidates if p.exists()]  # a dangling `last` link does not exist
 
 
-def load_latest(candidates: list[Path], warn) -> tuple[Path, dict[str, Any]] | None:
-    """The first candidate that loads; a damaged one is reported and skipped (only with several)."""
+def load_latest(candidates: list[Path], warn) -> Checkpoint | None:
+    """The first candidate that passes its checks; a damaged one is reported and skipped (only with several)."""
     errors = []
     for path in candidates:
         try:
-            return path, load_checkpoint(path)
+            return read_checkpoint(path)
         except UserError as e:
             if len(candidates) == 1:
                 raise
@@ -193,12 +359,38 @@ def load_latest(candidates: list[Path], warn) -> tuple[Path, dict[str, Any]] | N
     return None
 
 
-def check_identity(ckpt: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+def check_identity(data: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """A checkpoint from another workload / architecture / class count is an error naming the difference."""
-    diffs = [f"{k}={ckpt['identity'].get(k)!r} (this run: {v!r})"
-             for k, v in identity.items() if ckpt["identity"].get(k) != v]
+    diffs = [f"{k}={data['identity'].get(k)!r} (this run: {v!r})"
+             for k, v in identity.items() if data["identity"].get(k) != v]
     if diffs:
         raise UserError(f"checkpoint {path} does not match this run: {', '.join(diffs)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and the rest: a sharded checkpoint keeps only tensors in its shards
+
+
+def split_tensors(model_state: dict[str, Any], optim_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the shards hold, what train_state.pt holds): tensors go to the shards; the optimizer's
+    param_groups and any non-tensor value go with the rest, where weights-only loading reads them."""
+    tensors = {"model": {k: v for k, v in model_state.items() if isinstance(v, torch.Tensor)},
+               "optimizer_state": {name: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+                                   for name, s in optim_state.get("state", {}).items()}}
+    rest = {"model_other": {k: v for k, v in model_state.items() if not isinstance(v, torch.Tensor)},
+            "optimizer_param_groups": optim_state.get("param_groups", []),
+            "optimizer_state_other": {name: {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
+                                      for name, s in optim_state.get("state", {}).items()}}
+    return tensors, rest
+
+
+def join_tensors(tensors: dict[str, Any], rest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The reverse of split_tensors: (model state, optimizer state)."""
+    model_state = {**tensors["model"], **rest.get("model_other", {})}
+    names = set(tensors["optimizer_state"]) | set(rest.get("optimizer_state_other", {}))
+    state = {name: {**tensors["optimizer_state"].get(name, {}), **rest.get("optimizer_state_other", {}).get(name, {})}
+             for name in names}
+    return model_state, {"state": state, "param_groups": rest["optimizer_param_groups"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,3 +417,48 @@ def _as_tuple(value: Any) -> Any:
 
 def state_dict_of(state: TrainState) -> dict[str, Any]:
     return asdict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m dtrain.checkpoint consolidate SHARDED OUT.pt
+
+
+def consolidate(source: Path, out: Path) -> Path:
+    """A sharded checkpoint -> one file in the single-file format, loadable by every mode (and by a
+    plain `model.load_state_dict(torch.load(OUT)["model"])`)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = read_checkpoint(source.resolve() if source.is_symlink() else source)
+    if not checkpoint.sharded:
+        raise UserError(f"{source} is a single-file checkpoint already")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(checkpoint.path, whole)
+        tensors = torch.load(whole, map_location="cpu", weights_only=True)
+    model_state, optim_state = join_tensors(tensors, checkpoint.data)
+    rest = {k: v for k, v in checkpoint.data.items()
+            if k not in ("model_other", "optimizer_param_groups", "optimizer_state_other")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save({**rest, "model": model_state, "optimizer": optim_state}, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dtrain.checkpoint", description="Checkpoint tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cons = sub.add_parser("consolidate", help="a sharded checkpoint (FSDP) -> one .pt file any mode resumes from")
+    cons.add_argument("source", type=Path, help="a step_N folder, or the `last`/`best` link to one")
+    cons.add_argument("out", type=Path, help="the file to write, e.g. model.pt")
+    args = parser.parse_args(argv)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch's single-process warnings
+            out = consolidate(args.source, args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: resume=... any mode from it, or load its 'model' entry into the plain model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,6 +102,16 @@ class BertDataConfig:
     cache_dir: str = opt("", "datasets cache for the parsed and tokenized files ('' = HF_DATASETS_CACHE or ~/.cache)")
 
 
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = opt(True, "free the gathered parameters after each unit's forward (less memory, "
+                                            "one more all-gather in backward)")
+    param_dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "dtype of the gathered parameters in forward and "
+                                                               "backward (norm layers stay fp32)")
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "dtype of the gradient reduce-scatter")
+    cpu_offload: bool = opt(False, "keep parameters, gradients and optimizer state in CPU memory (GPUs only)")
+
+
 # Per-workload types of the `model` and `data` sections.
 WORKLOAD_SECTIONS: dict[str, tuple[type, type]] = {
     "image": (ImageModelConfig, ImageDataConfig),
@@ -112,8 +122,9 @@ WORKLOAD_SECTIONS: dict[str, tuple[type, type]] = {
 @dataclass
 class Config:
     workload: Literal["image", "bert"] = opt("image", "what to train")
-    mode: Literal["auto", "cpu", "dp", "ddp"] = opt(
-        "auto", "auto: DDP under torchrun/srun, DataParallel with >1 visible GPU, else one device; cpu forces the CPU")
+    mode: Literal["auto", "cpu", "dp", "ddp", "fsdp"] = opt(
+        "auto", "auto: DDP under torchrun/srun, DataParallel with >1 visible GPU, else one device; cpu forces the "
+                "CPU; fsdp shards parameters, gradients and optimizer state over the ranks (torchrun/srun)")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "process-group backend (auto: nccl on GPUs, gloo on CPU)")
     epochs: int = opt(1, "training epochs")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0 = no limit)")
@@ -123,6 +134,8 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast dtype; fp16 adds a gradient scaler (GPU only)")
     channels_last: bool = opt(False, "image models: NHWC memory format (faster with tensor cores)")
     compile: bool = opt(False, "torch.compile the model (before DDP wrapping)")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward instead of keeping "
+                                                "them (less memory, ~1/3 more compute)")
     seed: int = opt(0, "base seed; each rank adds its rank for data order-independent randomness")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns, slower)")
     output_dir: str = opt("runs/default", "where config.yaml, metrics.jsonl, tb/ and checkpoints/ go")
@@ -143,16 +156,17 @@ class Config:
     requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     model: Any = field(default_factory=ImageModelConfig)
     data: Any = field(default_factory=ImageDataConfig)
 
 
-SECTIONS = ("optim", "ddp", "model", "data")
+SECTIONS = ("optim", "ddp", "fsdp", "model", "data")
 
 
 def section_types(workload: str) -> dict[str, type]:
     model_t, data_t = WORKLOAD_SECTIONS[workload]
-    return {"optim": OptimConfig, "ddp": DDPConfig, "model": model_t, "data": data_t}
+    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "model": model_t, "data": data_t}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +377,7 @@ def help_text() -> str:
     """Every key with its type, default and meaning (the body of ``train.py --help``)."""
     lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):", ""]
     lines += _describe(Config, "", skip=SECTIONS)
-    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig)):
+    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig)):
         lines += ["", f"[{name}]"] + _describe(cls, f"{name}.")
     for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
         lines += ["", f"[model] for workload={workload}"] + _describe(model_t, "model.")

@@ -1,9 +1,9 @@
-"""The one module that knows how the job was launched: single device, DataParallel or DDP.
+"""The one module that knows how the job was launched: one process, or one process per device.
 
 ``setup(cfg) -> DistEnv`` reads the launcher's environment (torchrun or srun), starts the
-process group, picks the device and thread count. ``wrap``/``unwrap`` put the model in and out
-of DataParallel / DistributedDataParallel. Everything else receives the DistEnv and calls the
-small collective helpers below; no other module touches torch.distributed set-up.
+process group, picks the device and thread count. What a mode does with the model (DataParallel,
+DDP, FSDP) lives in dtrain.strategies. Everything else receives the DistEnv and calls the small
+collective helpers below; no other module touches torch.distributed set-up.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from dtrain.config import Config, DDPConfig
+from dtrain.config import Config
 from dtrain.errors import UserError
 
 
@@ -32,7 +31,7 @@ from dtrain.errors import UserError
 class DistEnv:
     """Where this process sits in the job. Passed explicitly; never global."""
 
-    mode: str  # "single" (one device), "dp" (DataParallel over local GPUs) or "ddp"
+    mode: str  # "single" (one device), "dp" (DataParallel over local GPUs), "ddp" or "fsdp" (one process per device)
     device: torch.device
     rank: int = 0
     local_rank: int = 0
@@ -49,7 +48,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.mode == "ddp"
+        """One process per device, in a process group."""
+        return self.mode in ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -172,14 +172,14 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Resolve cfg.mode against the launcher and the hardware; start the process group if DDP."""
     launch = read_launch(environ)
     use_cuda = cfg.mode != "cpu" and torch.cuda.is_available()
-    if cfg.mode == "ddp" and launch is None:
-        raise UserError("mode=ddp needs a launcher: torchrun --nproc_per_node=N train.py ... or srun "
+    if cfg.mode in ("ddp", "fsdp") and launch is None:
+        raise UserError(f"mode={cfg.mode} needs a launcher: torchrun --nproc_per_node=N train.py ... or srun "
                         "(or use mode=auto to run in one process)")
     if cfg.mode == "dp" and launch is not None and launch.world_size > 1:
         raise UserError("mode=dp is one process driving all local GPUs; launch it with python, not torchrun/srun "
                         "(or use mode=ddp)")
     if launch is not None and cfg.mode != "dp":
-        env = _setup_ddp(cfg, launch, use_cuda)
+        env = _setup_process_group(cfg, launch, use_cuda)
     elif use_cuda and torch.cuda.device_count() > 1 and cfg.mode in ("auto", "dp"):
         env = DistEnv(mode="dp", device=torch.device("cuda", 0))
     else:
@@ -190,7 +190,7 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
     return env
 
 
-def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
+def _setup_process_group(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
         raise UserError("backend=nccl needs CUDA GPUs and none is usable here; use backend=gloo (or backend=auto)")
@@ -225,7 +225,8 @@ def _setup_ddp(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
     except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
         raise UserError(f"could not join {where} (timeout_s={cfg.timeout_s:g}): {str(e).splitlines()[0]}",
                         all_ranks=False) from None
-    return DistEnv(mode="ddp", device=device, rank=launch.rank, local_rank=launch.local_rank,
+    return DistEnv(mode="fsdp" if cfg.mode == "fsdp" else "ddp", device=device, rank=launch.rank,
+                   local_rank=launch.local_rank,
                    world_size=launch.world_size, local_world_size=launch.local_world_size,
                    node_rank=launch.node_rank, backend=backend, host_group=host_group)
 
@@ -303,58 +304,6 @@ def cleanup(env: DistEnv) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model wrapping
-
-
-def wrap(model: nn.Module, env: DistEnv, ddp_cfg: DDPConfig) -> nn.Module:
-    """Move to the device and wrap for the mode. The unwrapped model stays reachable via unwrap()."""
-    model = model.to(env.device)
-    if env.mode == "dp":
-        return nn.DataParallel(model)
-    if env.mode == "ddp":
-        return nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            bucket_cap_mb=ddp_cfg.bucket_cap_mb,
-            gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
-            static_graph=ddp_cfg.static_graph,
-            find_unused_parameters=ddp_cfg.find_unused_parameters,
-        )
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DataParallel / DDP / torch.compile: what checkpoints hold."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
-def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce for a non-final accumulation micro-step."""
-    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def grads_to_none(model: nn.Module, ddp_cfg: DDPConfig) -> bool:
-    """What zero_grad(set_to_none=...) should do between steps for this wrapping.
-
-    With gradient_as_bucket_view each .grad is a view into DDP's all-reduce bucket, so zeroing it
-    in place is free of allocations. Set to None, the next backward allocates a fresh gradient and
-    DDP copies it into the bucket, every step (the copy the option exists to avoid). Elsewhere None
-    is cheaper: nothing to zero. (With find_unused_parameters, None keeps unused parameters out of
-    the optimizer step.)
-    """
-    keeps_bucket_views = ddp_cfg.gradient_as_bucket_view and not ddp_cfg.find_unused_parameters
-    return not (isinstance(model, nn.parallel.DistributedDataParallel) and keeps_bucket_views)
-
-
-# ---------------------------------------------------------------------------------------------
 # Collectives (no-ops outside DDP)
 
 
@@ -370,11 +319,16 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     A CPU tensor on a Gloo group: with NCCL the flag would go through the GPU's stream, and reading
     the result would make the CPU wait for all queued GPU work every time it is asked.
     """
+    return bool(max_over_ranks(int(flag), env))
+
+
+def max_over_ranks(value: int, env: DistEnv) -> int:
+    """The largest `value` of any rank, on every rank (host-side, like any_rank)."""
     if not env.distributed:
-        return flag
-    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=env.host_group)
-    return bool(tensor.item())
+    return int(tensor.item())
 
 
 def barrier(env: DistEnv) -> None:

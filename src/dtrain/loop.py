@@ -16,12 +16,13 @@ from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
-from dtrain.dist import (DistEnv, agree_on_failure, all_reduce_sum, barrier, gather_objects, grads_to_none, no_sync,
-                         wrap)
+from dtrain.dist import (DistEnv, agree_on_failure, all_reduce_sum, barrier, broadcast_object, gather_objects,
+                         max_over_ranks)
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.stopping import StopRequest, requeue_slurm_job
+from dtrain.strategies import Strategy
 from dtrain.workloads import Task, build_task
 
 
@@ -31,9 +32,9 @@ class Trainer:
 
     cfg: Config
     env: DistEnv
+    strategy: Strategy  # the execution mode: wrapping, gradient sync, state dicts
     task: Task
-    model: nn.Module  # wrapped for the mode (DDP / DataParallel / plain)
-    raw_model: nn.Module  # the plain model: what checkpoints hold
+    model: nn.Module  # what training calls (strategy.model)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -44,7 +45,6 @@ class Trainer:
     state: TrainState
     logger: RunLogger
     stop: StopRequest
-    grads_to_none: bool  # zero_grad(set_to_none=...): see dist.grads_to_none
     nonfinite: "NonfiniteWatch"
 
 
@@ -73,12 +73,12 @@ class NonfiniteWatch:
                             "lower optim.lr, check the data, or set nonfinite_loss=skip")
 
 
-def run(cfg: Config, env: DistEnv) -> dict[str, float]:
+def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
     """Train (or only evaluate) as configured; returns the last evaluation metrics."""
     prepare_output_dir(cfg, env)
     stop = StopRequest(cfg.stop_signals, env)  # early, so a signal during set-up is not lost
     try:
-        trainer = prepare(cfg, env, stop)
+        trainer = prepare(cfg, env, strategy, stop)
         try:
             if cfg.eval_only:
                 return evaluate_and_log(trainer)
@@ -120,12 +120,12 @@ def check_writable(folder: Path, rank: int) -> None:
                         "(fix it, or choose another output_dir=...)") from None
 
 
-def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
+def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) -> Trainer:
     # Same seed on every rank for model construction: all ranks start from identical weights.
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
-    raw_model = task.model.to(env.device)
-    optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
+    model = strategy.wrap(task.model, task.units(task.model))
+    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay)
     train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
                                                      task.random_samples)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
@@ -143,16 +143,10 @@ def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, task, raw_model, optimizer, scheduler, scaler) or state
-    if cfg.compile:
-        raw_for_wrap = torch.compile(raw_model)
-    else:
-        raw_for_wrap = raw_model
-    model = wrap(raw_for_wrap, env, cfg.ddp)
+    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler) or state
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
-    return Trainer(cfg, env, task, model, raw_model, optimizer, scheduler, scaler, train_loader, sampler,
-                   val_loader, steps_per_epoch, state, logger, stop, grads_to_none(model, cfg.ddp),
-                   NonfiniteWatch(env.device))
+    return Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
+                   steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -182,8 +176,10 @@ def fit(t: Trainer) -> dict[str, float]:
             stop_after_save(t)
     if not metrics:  # resumed a finished run: report where it stands
         metrics = evaluate_and_log(t)
-    if t.env.is_main and t.task.export is not None:
-        t.task.export(t.raw_model, cfg.output_dir)
+    if t.task.export is not None:
+        whole = t.strategy.full_model_state_dict()  # every rank: a collective under FSDP
+        if t.env.is_main:
+            t.task.export(t.strategy.raw_model, whole, cfg.output_dir)
     barrier(t.env)
     return metrics
 
@@ -208,7 +204,7 @@ def train_one_epoch(t: Trainer) -> None:
         micro += 1
         last_micro = micro % cfg.grad_accum_steps == 0
         batch = to_device(batch, env.device)
-        with no_sync(t.model, skip=not last_micro):
+        with t.strategy.no_sync(skip=not last_micro):
             with autocast:
                 loss = t.task.train_loss(t.model, batch)
             t.scaler.scale(loss / cfg.grad_accum_steps).backward()
@@ -255,24 +251,21 @@ def optimizer_step(t: Trainer) -> None:
     """Clip, step, schedule; a non-finite gradient stops the run or skips the step (nonfinite_loss)."""
     cfg = t.cfg
     t.scaler.unscale_(t.optimizer)
-    # After DDP's all-reduce the gradients are identical on every rank, so every rank reaches the
-    # same verdict here without another collective.
-    if cfg.optim.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), cfg.optim.grad_clip)
-    else:  # only the norm: clip_grad_norm_ would also rescale every gradient by 1.0
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in t.raw_model.parameters() if p.grad is not None])
+    # The norm is global (reduced over the shards under FSDP; after DDP's all-reduce the gradients are
+    # identical everywhere), so every rank reaches the same verdict without another collective.
+    grad_norm = t.strategy.clip_grad_norm(cfg.optim.grad_clip)
     if cfg.precision == "fp16":
         pass  # the scaler skips a non-finite step itself and lowers its scale
     elif cfg.nonfinite_loss == "stop":
         t.nonfinite.record(grad_norm, t.state.step + 1)  # read later: see NonfiniteWatch
     elif not bool(torch.isfinite(grad_norm)):  # skipping must be decided now: a host sync per step on GPUs
         t.logger.print(f"warning: non-finite gradient at step {t.state.step + 1}; step skipped")
-        t.optimizer.zero_grad(set_to_none=t.grads_to_none)
+        t.optimizer.zero_grad(set_to_none=t.strategy.zero_grad_to_none)
         t.scheduler.step()
         return
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    t.optimizer.zero_grad(set_to_none=t.grads_to_none)
+    t.optimizer.zero_grad(set_to_none=t.strategy.zero_grad_to_none)
     t.scheduler.step()
 
 
@@ -303,7 +296,9 @@ def last_trained_epoch(state: TrainState) -> int:
 
 
 def log_memory(t: Trainer) -> None:
-    per_rank = gather_objects(t.logger.memory.report(), t.env)
+    """Peak memory and this rank's parameter, gradient and optimizer-state MB, per rank."""
+    held = {key.replace("_bytes", "_mb"): value / 2**20 for key, value in t.strategy.local_bytes(t.optimizer).items()}
+    per_rank = gather_objects({**t.logger.memory.report(), **held}, t.env)
     record: dict[str, Any] = {"kind": "memory", "epoch": last_trained_epoch(t.state), "step": t.state.step}
     for key in per_rank[0]:
         record[key] = [round(r[key], 1) for r in per_rank]
@@ -317,15 +312,21 @@ def log_memory(t: Trainer) -> None:
 @torch.no_grad()
 def evaluate(t: Trainer) -> dict[str, float]:
     """Exact metrics over the whole validation set, whatever the world size."""
-    # DDP's forward may sync buffers; evaluation runs the inner module so ranks stay independent.
-    model = t.model.module if isinstance(t.model, nn.parallel.DistributedDataParallel) else t.model
+    model = t.strategy.eval_model()
     model.eval()
     autocast = autocast_context(t.env.device, t.cfg.precision)
+    mine = len(t.val_loader)
+    # Where every forward is a collective (FSDP gathers each unit's parameters), a rank with fewer
+    # batches runs padding batches until the last rank is done; their sums are left out.
+    batches = max_over_ranks(mine, t.env) if t.strategy.collective_forward else mine
     local: dict[str, torch.Tensor] = {}
-    for batch in t.val_loader:
-        batch = to_device(batch, t.env.device)
+    loader = iter(t.val_loader)
+    for i in range(batches):
+        batch = to_device(next(loader) if i < mine else padding_batch(t), t.env.device)
         with autocast:
             sums = t.task.eval_sums(model, batch)
+        if i >= mine:
+            continue
         for key, value in sums.items():  # accumulate on the device: no host sync per batch
             local[key] = local.get(key, 0) + value.detach().double()
     totals: dict[str, float] = {}
@@ -334,6 +335,11 @@ def evaluate(t: Trainer) -> dict[str, float]:
         for key, value in rank_sums.items():
             totals[key] = totals.get(key, 0.0) + value
     return t.task.summarize(totals)
+
+
+def padding_batch(t: Trainer):
+    """A one-sample batch to run through a collective forward whose result is discarded."""
+    return t.val_loader.collate_fn([t.task.val_set[0]])
 
 
 def evaluate_and_log(t: Trainer) -> dict[str, float]:
@@ -348,49 +354,60 @@ def evaluate_and_log(t: Trainer) -> dict[str, float]:
 
 
 def save(t: Trainer, accuracy: float | None) -> None:
-    """All ranks call this; rank 0 writes; nobody runs ahead (or exits) until the file is in place."""
+    """All ranks call this. Rank 0 writes one file, or (sharded) every rank writes its part; nobody
+    runs ahead (or exits) until the checkpoint is in place, and a failure anywhere stops every rank."""
     t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
-    state = t.state
+    state, env = t.state, t.env
     is_best = accuracy is not None and accuracy > state.best_accuracy
     if is_best:
         state.best_accuracy = accuracy
-    state.world_size = t.env.world_size
-    rng = gather_objects(ckpt.rng_state(), t.env)
-    failure = None
-    if t.env.is_main:
-        payload = {
-            "format_version": ckpt.FORMAT_VERSION,
-            "identity": t.task.identity,
-            "model": t.raw_model.state_dict(),
-            "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(),
-            "scaler": t.scaler.state_dict(),
-            "state": ckpt.state_dict_of(state),
-            "rng": rng,
-            "config": to_dict(t.cfg),
-        }
-        try:
-            ckpt.save_checkpoint(payload, ckpt.checkpoint_dir(t.cfg.output_dir), state.step, t.cfg.keep_last,
-                                 is_best)
-        except UserError as e:
-            failure = e
-    agree_on_failure(failure, t.env)  # also the barrier: nobody runs ahead (or exits) before the file is in place
+    state.world_size = env.world_size
+    meta = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "identity": t.task.identity,
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "state": ckpt.state_dict_of(state),
+        "rng": gather_objects(ckpt.rng_state(), env),
+        "config": to_dict(t.cfg),
+    }
+    model_state, optim_state = t.strategy.state_dicts(t.optimizer)  # a collective under FSDP
+    ckpt_dir, failure = ckpt.checkpoint_dir(t.cfg.output_dir), None
+    try:
+        if t.strategy.sharded:
+            tensors, rest = ckpt.split_tensors(model_state, optim_state)
+            ckpt.save_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best, env.is_main)
+        elif env.is_main:
+            ckpt.save_checkpoint({**meta, "model": model_state, "optimizer": optim_state}, ckpt_dir, state.step,
+                                 t.cfg.keep_last, is_best)
+    except UserError as e:
+        failure = e
+    agree_on_failure(failure, env)  # also the barrier: nobody runs ahead (or exits) before the save is complete
 
 
-def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimizer, scheduler,
+def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler,
             scaler) -> TrainState | None:
-    """Load the checkpoint named by cfg.resume into the plain model and the optimizer state."""
-    found = ckpt.load_latest(ckpt.resume_candidates(cfg.resume, cfg.output_dir),
-                             warn=lambda msg: print(msg, flush=True) if env.is_main else None)
-    if found is None:
+    """Load the checkpoint named by cfg.resume (either kind, from any mode) into the wrapped model."""
+    checkpoint = find_checkpoint(cfg, env)
+    if checkpoint is None:
         if cfg.eval_only:  # evaluating freshly initialised weights would report a meaningless score
             raise UserError(f"eval_only=true found no checkpoint in {ckpt.checkpoint_dir(cfg.output_dir)}: "
                             "give resume=PATH, or the output_dir of a trained run")
         return None
-    path, data = found
+    data, path = checkpoint.data, checkpoint.path
     ckpt.check_identity(data, task.identity, path)
-    raw_model.load_state_dict(data["model"])
-    optimizer.load_state_dict(data["optimizer"])
+    if checkpoint.sharded:
+        tensors, _ = ckpt.split_tensors(*strategy.load_target(optimizer))
+        ckpt.load_sharded_tensors(checkpoint, tensors)  # into this rank's own tensors
+        strategy.load_state_dicts(optimizer, *ckpt.join_tensors(tensors, data), whole=False)
+    elif data["format_version"] == 1:  # optimizer state by parameter position: only into the same layout
+        if strategy.sharded:
+            raise UserError(f"checkpoint {path} has the old format 1, which mode=fsdp cannot read: resume it "
+                            "once in another mode (its next save has the current format)")
+        strategy.raw_model.load_state_dict(data["model"])
+        optimizer.load_state_dict(data["optimizer"])
+    else:
+        strategy.load_state_dicts(optimizer, data["model"], data["optimizer"], whole=True)
     scheduler.load_state_dict(data["scheduler"])
     scaler.load_state_dict(data["scaler"])
     state = TrainState(**data["state"])
@@ -402,3 +419,25 @@ def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimiz
     if env.is_main:
         print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
     return state
+
+
+def find_checkpoint(cfg: Config, env: DistEnv) -> ckpt.Checkpoint | None:
+    """Rank 0 picks the checkpoint (reporting damaged ones it skips); every rank then reads that one."""
+    found, failure = None, None
+    if env.is_main:
+        try:
+            found = ckpt.load_latest(ckpt.resume_candidates(cfg.resume, cfg.output_dir),
+                                     warn=lambda msg: print(msg, flush=True))
+        except UserError as e:
+            failure = e
+    agree_on_failure(failure, env)
+    chosen = broadcast_object(None if found is None else str(found.path), env)
+    if chosen is None:
+        return None
+    if not env.is_main:
+        try:
+            found = ckpt.read_checkpoint(Path(chosen))
+        except UserError as e:  # e.g. an output_dir that is not on a file system every node shares
+            failure = UserError(f"{e} (rank 0 could read it: is output_dir shared by every node?)")
+    agree_on_failure(failure, env)
+    return found

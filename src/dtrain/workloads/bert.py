@@ -77,9 +77,9 @@ def build(cfg: Config, env: DistEnv) -> Task:
         logits = forward(model, batch)
         return (multi_label_sums if multi else single_label_sums)(logits, batch["labels"], num_labels)
 
-    def export(raw_model: nn.Module, output_dir: str) -> None:
+    def export(raw_model: nn.Module, whole: dict[str, torch.Tensor], output_dir: str) -> None:
         out = Path(output_dir) / "model"
-        raw_model.save_pretrained(out)
+        raw_model.save_pretrained(out, state_dict=whole)  # whole: the model may be sharded (FSDP)
         tokenizer.save_pretrained(out)
         print(f"saved model and tokenizer to {out} (AutoModelForSequenceClassification.from_pretrained "
               "loads it)", flush=True)
@@ -97,6 +97,7 @@ def build(cfg: Config, env: DistEnv) -> Task:
                   "num_labels": num_labels, "labels": list(data.labels.names)},
         export=export if model_cfg.export_pretrained else None,
         is_no_decay=is_no_decay,
+        units=encoder_layers,
     )
 
 
@@ -228,6 +229,12 @@ def freeze_unused_parameters(model: nn.Module, tokenizer, num_texts: int) -> lis
             p.requires_grad_(False)
     model.train(was_training)
     return unused
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a Hugging Face encoder (BERT and its relatives: base_model.encoder.layer)."""
+    encoder = getattr(model.base_model, "encoder", None)
+    return list(getattr(encoder, "layer", None) or getattr(encoder, "layers", None) or [])
 
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -79,6 +79,7 @@ def build(cfg: Config, env) -> Task:
         collate_fn=collate_skipping_bad,
         random_samples=not data.synthetic,  # synthetic images are fixed by their index; folders are augmented
         identity={"workload": "image", "arch": cfg.model.arch, "num_classes": num_classes},
+        units=blocks,
     )
 
 
@@ -138,6 +139,21 @@ def load_local_weights(model: nn.Module, path: str) -> None:
     model.load_state_dict(kept, strict=False)
     if replaced:
         print(f"model.weights: new (randomly initialised) {', '.join(replaced)}: class count differs", flush=True)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a torchvision classifier: ResNet-style stages' blocks (layer1..layer4), a
+    ViT's encoder layers, or the children of a `features` stack (VGG, MobileNet, EfficientNet, ...)."""
+    stages = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    if stages:
+        return [block for stage in stages for block in stage]
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    if layers is not None:
+        return list(layers)
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return [m for m in features if any(True for _ in m.parameters())]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
