@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import NoReturn
 
@@ -28,6 +29,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
 from dtrain.errors import StopTraining, UserError  # noqa: E402
+
+
+REPORT_GRACE_S = 3.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +102,9 @@ def report(error: UserError, env) -> None:
     rank = env.rank if env is not None else launcher_int("RANK", "SLURM_PROCID", 0)
     world_size = env.world_size if env is not None else launcher_int("WORLD_SIZE", "SLURM_NTASKS", 1)
     if error.all_ranks and rank != 0:
+        # Stay a moment: torchrun and srun --kill-on-bad-exit end the other ranks as soon as one exits
+        # non-zero, and rank 0 might be ended before it printed the line this rank leaves to it.
+        time.sleep(REPORT_GRACE_S)
         return
     where = "" if error.all_ranks or world_size == 1 else f" [rank {rank}]"
     print(f"error{where}: {error}", file=sys.stderr, flush=True)

@@ -1,8 +1,11 @@
-"""Run train.py with torch.save instrumented, for tests that need to see or break checkpoint writes.
+"""Run train.py with checkpoint writes instrumented, for tests that need to see or break them.
 
-SAVE_LOG=path        append '<RANK> <target file>' for every torch.save to a file
-HANG_ON_SAVE=N       on the N-th file save: write half of it, create '<target>.hanging', then block
-                     (the test kills the process there: a crash in the middle of a checkpoint write)
+SAVE_LOG=path               append '<RANK> <target file>' for every torch.save to a file
+HANG_ON_SAVE=N              on the N-th file save: write half of it, create '<target>.hanging', then block
+                            (the test kills the process there: a crash in the middle of a checkpoint write)
+HANG_IN_SHARDED_SAVE=N      on the N-th sharded save (torch.distributed.checkpoint.save): let every rank
+                            write its shard, cut rank 0's shard to half, create '<folder>.hanging', then
+                            block before the folder is renamed (a crash in the middle of a sharded save)
 """
 
 import io
@@ -39,6 +42,30 @@ def _instrumented_save(obj, f, *args, **kwargs):
 
 
 torch.save = _instrumented_save
+
+_sharded_saves = 0
+
+
+def _instrumented_dcp_save(state_dict, *args, checkpoint_id=None, **kwargs):
+    global _sharded_saves
+    metadata = _original_dcp_save(state_dict, *args, checkpoint_id=checkpoint_id, **kwargs)
+    _sharded_saves += 1
+    if os.environ.get("HANG_IN_SHARDED_SAVE") == str(_sharded_saves):
+        folder = Path(checkpoint_id)
+        if os.environ.get("RANK", "0") == "0":
+            shard = folder / "__0_0.distcp"
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+            Path(f"{folder}.hanging").touch()
+        while True:
+            time.sleep(1)
+    return metadata
+
+
+if "HANG_IN_SHARDED_SAVE" in os.environ:
+    import torch.distributed.checkpoint as dcp
+
+    _original_dcp_save = dcp.save
+    dcp.save = _instrumented_dcp_save
 train = Path(__file__).resolve().parents[1] / "train.py"
 sys.argv = [str(train), *sys.argv[1:]]
 runpy.run_path(str(train), run_name="__main__")
