@@ -101,6 +101,26 @@ def test_two_ranks_match_one_process(ws: Path, single_run: Path, ddp_run: Path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+def test_fsdp_two_ranks_match_one_process_and_export_the_whole_model(ws: Path, single_run: Path, tmp_path: Path):
+    """FSDP shards each encoder layer over 2 ranks (batch 4 each): it ends where 1 x 8 does, and the
+    exported model (gathered from the shards) is the checkpoint's model."""
+    from safetensors.torch import load_file
+
+    from dtrain.checkpoint import consolidate
+
+    out = tmp_path / "fsdp"
+    check_ok(run_train(tiny_args(ws, out, "batch_size=4", "mode=fsdp", cache="cache_fsdp"), nproc=2))
+    assert (out / "checkpoints" / "last").is_symlink()  # a sharded checkpoint
+    sharded = torch.load(consolidate(out / "checkpoints" / "last", tmp_path / "whole.pt"), weights_only=True)
+    assert max_difference(final_weights(single_run), sharded["model"]) < 1e-5
+    for a, b in zip(eval_records(single_run), eval_records(out)):
+        assert a["samples"] == b["samples"] == VAL_ROWS and a["accuracy"] == b["accuracy"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    assert max_difference({k: v for k, v in sharded["model"].items() if k in exported}, exported) == 0.0
+    assert len(exported) >= len(sharded["model"]) - 2  # every weight (buffers such as position ids aside)
+
+
 def initial_weights(ws: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -158,9 +158,16 @@ def test_signal_to_the_whole_process_group_is_handled_once_by_the_trainer(tmp_pa
 
 
 def mount(*args: str) -> None:
+    """mount(8), tried again a few times: another test session changing mounts at that moment makes it fail."""
     import subprocess
+    import time
 
-    subprocess.run(["mount", *args], check=True, capture_output=True, timeout=30)
+    for attempt in range(5):
+        done = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"mount {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
 
 
 @pytest.fixture

@@ -102,9 +102,11 @@ class Strategy:
         return get_model_state_dict(self.raw_model, options=FULL_ON_RANK0)
 
     def local_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Gradients: what a step's backward writes (one per trainable parameter, this rank's part); between
+        steps they are freed (set_to_none) or, under DDP with gradient_as_bucket_view, kept."""
         params = list(self.raw_model.parameters())
         states = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        return {"param_bytes": nbytes(params), "grad_bytes": nbytes(p.grad for p in params if p.grad is not None),
+        return {"param_bytes": nbytes(params), "grad_bytes": nbytes(p for p in params if p.requires_grad),
                 "optim_bytes": nbytes(states)}
 
 
