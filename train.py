@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         env = dist.setup(cfg)
         metrics = run(cfg, env, build_strategy(cfg, env))
         if env.is_main:
-            print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}; outputs in {cfg.output_dir}")
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}  # not per-class lists
+            print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in numbers.items())}; outputs in {cfg.output_dir}")
         return 0
     except BaseException as error:
         if threading.current_thread() is threading.main_thread():

@@ -51,8 +51,9 @@ class TrainState:
     epoch: int = 0  # epoch in progress (or next to start when samples_in_epoch == 0)
     step: int = 0  # optimizer steps taken in total
     samples_in_epoch: int = 0  # global samples consumed in `epoch` (mid-epoch resume skips them)
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # the best value of best_metric so far (the name predates best_metric)
     world_size: int = 1  # world size that wrote the checkpoint
+    best_metric: str = "accuracy"  # what best_accuracy measures
 
 
 @dataclass
@@ -438,6 +439,8 @@ def consolidate(source: Path, out: Path) -> Path:
     model_state, optim_state = join_tensors(tensors, checkpoint.data)
     rest = {k: v for k, v in checkpoint.data.items()
             if k not in ("model_other", "optimizer_param_groups", "optimizer_state_other")}
+    if "ema" in tensors:  # the model EMA (ema.enabled), whole like the model
+        rest["ema"] = tensors["ema"]
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save({**rest, "model": model_state, "optimizer": optim_state}, out)
     return out

@@ -37,12 +37,16 @@ class OptimConfig:
     weight_decay: float = opt(1e-4, "weight decay (not applied to biases and norm weights unless decay_norm_and_bias)")
     decay_norm_and_bias: bool = opt(False, "also apply weight decay to 1-d parameters (biases, norm weights)")
     warmup_steps: int = opt(0, "linear warmup from 0 to lr over this many optimizer steps")
+    warmup_epochs: float = opt(0.0, "linear warmup over this many epochs, in steps of the run's own epoch length "
+                                    "(instead of warmup_steps)")
     schedule: Literal["cosine", "linear", "step", "constant"] = opt("cosine", "decay after warmup")
     step_epochs: int = opt(30, "schedule=step: multiply lr by gamma every this many epochs")
     gamma: float = opt(0.1, "schedule=step: decay factor")
     min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
     fused: bool = opt(False, "fused optimizer step: one kernel over all parameters (faster on GPUs and on CPUs)")
+    backbone_lr_scale: float = opt(1.0, "lr multiplier for every parameter but the classifier head (fine-tuning: "
+                                        "e.g. 0.1; image workload)")
 
 
 @dataclass
@@ -68,10 +72,24 @@ class ImageDataConfig:
     synthetic_train_size: int = opt(1024, "synthetic: number of training images")
     synthetic_val_size: int = opt(256, "synthetic: number of validation images")
     num_classes: int = opt(10, "synthetic: number of classes (with files, taken from the folders)")
-    image_size: int = opt(224, "training crop / validation crop size in pixels")
+    image_size: int = opt(224, "validation center-crop size in pixels (and the training crop unless train_crop_size)")
+    train_crop_size: int = opt(0, "training random-resized-crop size (0 = image_size); torchvision --train-crop-size")
+    val_resize_size: int = opt(0, "validation: resize the short side to this before the center crop "
+                                  "(0 = image_size / val_crop_ratio); torchvision --val-resize-size")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = opt("bilinear", "resampling of every resize and crop")
     augment: bool = opt(True, "random resized crop (+ flip) for training; false = validation transform")
     min_crop_scale: float = opt(0.08, "smallest area fraction kept by the random resized crop")
     hflip: bool = opt(True, "random horizontal flip when augmenting")
+    auto_augment: Literal["none", "ta_wide", "ra", "imagenet", "augmix"] = opt(
+        "none", "policy after crop and flip: TrivialAugmentWide, RandAugment, AutoAugment's ImageNet policy, AugMix "
+                "(torchvision --auto-augment)")
+    random_erase: float = opt(0.0, "probability of erasing a random rectangle of a training image "
+                                   "(torchvision --random-erase)")
+    mixup_alpha: float = opt(0.0, "MixUp of each training batch with Beta(alpha, alpha) weights (0 = off); with "
+                                  "cutmix_alpha one of the two is picked per batch")
+    cutmix_alpha: float = opt(0.0, "CutMix of each training batch with Beta(alpha, alpha) areas (0 = off)")
+    ra_reps: int = opt(1, "repeated augmentation: each image k times per epoch on consecutive ranks, epoch length "
+                          "unchanged (1 = off); torchvision --ra-sampler --ra-reps")
     val_crop_ratio: float = opt(0.875, "validation: resize to image_size / ratio, then center crop")
     on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip and count it")
 
@@ -112,6 +130,15 @@ class FSDPConfig:
     cpu_offload: bool = opt(False, "keep parameters, gradients and optimizer state in CPU memory (GPUs only)")
 
 
+@dataclass
+class EMAConfig:
+    enabled: bool = opt(False, "keep an exponential moving average of the weights, evaluated after the model "
+                               "(torchvision --model-ema)")
+    steps: int = opt(32, "update the average every N optimizer steps (torchvision --model-ema-steps)")
+    decay: float = opt(0.99998, "decay per update before the adjustment for world size x batch x steps / epochs "
+                                "(torchvision --model-ema-decay)")
+
+
 # Per-workload types of the `model` and `data` sections.
 WORKLOAD_SECTIONS: dict[str, tuple[type, type]] = {
     "image": (ImageModelConfig, ImageDataConfig),
@@ -133,6 +160,8 @@ class Config:
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step (all-reduce only on the last)")
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast dtype; fp16 adds a gradient scaler (GPU only)")
     channels_last: bool = opt(False, "image models: NHWC memory format (faster with tensor cores)")
+    sync_bn: bool = opt(False, "BatchNorm statistics over the global batch (every rank's samples), converted before "
+                               "wrapping; DDP and FSDP with 2+ processes")
     compile: bool = opt(False, "torch.compile the model (before DDP wrapping)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward instead of keeping "
                                                 "them (less memory, ~1/3 more compute)")
@@ -142,6 +171,8 @@ class Config:
     resume: str = opt("", "'' = start fresh, 'auto' = <output_dir>/checkpoints/last.pt if present, or a file")
     eval_only: bool = opt(False, "evaluate the resumed checkpoint and exit (needs resume)")
     eval_every: int = opt(1, "evaluate every N epochs (and after the last)")
+    best_metric: Literal["accuracy", "ema_accuracy"] = opt(
+        "accuracy", "what best.pt is chosen by: the model's validation accuracy or the EMA's (needs ema.enabled)")
     checkpoint_every: int = opt(0, "also save last.pt every N optimizer steps, mid-epoch (0 = each epoch only)")
     keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt")
     num_workers: int = opt(2, "DataLoader worker processes per rank")
@@ -157,16 +188,18 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     model: Any = field(default_factory=ImageModelConfig)
     data: Any = field(default_factory=ImageDataConfig)
 
 
-SECTIONS = ("optim", "ddp", "fsdp", "model", "data")
+SECTIONS = ("optim", "ddp", "fsdp", "ema", "model", "data")
 
 
 def section_types(workload: str) -> dict[str, type]:
     model_t, data_t = WORKLOAD_SECTIONS[workload]
-    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "model": model_t, "data": data_t}
+    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "ema": EMAConfig, "model": model_t,
+            "data": data_t}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +384,39 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'stop_signals': {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     if cfg.eval_only and not cfg.resume:
         raise ConfigError("eval_only=true needs a checkpoint: add resume=auto or resume=PATH")
+    if cfg.optim.warmup_epochs < 0:
+        raise ConfigError(f"config key 'optim.warmup_epochs' must be >= 0, got {cfg.optim.warmup_epochs}")
+    if cfg.optim.warmup_epochs and cfg.optim.warmup_steps:
+        raise ConfigError("set optim.warmup_steps or optim.warmup_epochs, not both")
+    if cfg.optim.backbone_lr_scale <= 0:
+        raise ConfigError(f"config key 'optim.backbone_lr_scale' must be > 0, got {cfg.optim.backbone_lr_scale}")
+    if cfg.ema.steps < 1:
+        raise ConfigError(f"config key 'ema.steps' must be >= 1, got {cfg.ema.steps}")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"config key 'ema.decay' must be between 0 and 1 (exclusive), got {cfg.ema.decay}")
+    if cfg.best_metric == "ema_accuracy" and not cfg.ema.enabled:
+        raise ConfigError("best_metric=ema_accuracy needs the EMA: add ema.enabled=true")
+    if cfg.workload == "image":
+        validate_image_data(cfg.data)
+
+
+def validate_image_data(data: ImageDataConfig) -> None:
+    at_least = {"data.image_size": (data.image_size, 1), "data.train_crop_size": (data.train_crop_size, 0),
+                "data.val_resize_size": (data.val_resize_size, 0), "data.ra_reps": (data.ra_reps, 1)}
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"config key {key!r} must be >= {low}, got {value}")
+    if 0 < data.val_resize_size < data.image_size:
+        raise ConfigError(f"config key 'data.val_resize_size' ({data.val_resize_size}) must be >= data.image_size "
+                          f"({data.image_size}), the center crop taken from it")
+    if data.auto_augment == "augmix" and data.interpolation == "bicubic":  # torchvision's AugMix works on tensors
+        raise ConfigError("data.auto_augment=augmix takes data.interpolation=bilinear or nearest (AugMix resamples "
+                          "tensors, which have no bicubic affine transform)")
+    if not 0.0 <= data.random_erase <= 1.0:
+        raise ConfigError(f"config key 'data.random_erase' is a probability (0 to 1), got {data.random_erase}")
+    for key, value in (("data.mixup_alpha", data.mixup_alpha), ("data.cutmix_alpha", data.cutmix_alpha)):
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0 (0 = off), got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +443,7 @@ def help_text() -> str:
     """Every key with its type, default and meaning (the body of ``train.py --help``)."""
     lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):", ""]
     lines += _describe(Config, "", skip=SECTIONS)
-    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig)):
+    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig), ("ema", EMAConfig)):
         lines += ["", f"[{name}]"] + _describe(cls, f"{name}.")
     for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
         lines += ["", f"[model] for workload={workload}"] + _describe(model_t, "model.")

@@ -3,19 +3,21 @@
 Training always uses a DistributedSampler (world size 1 outside DDP), so one process at batch B
 and N processes at batch B/N see the same samples in the same steps. Each training sample is
 drawn under its own seed (epoch, index), so random augmentation does not depend on the rank,
-the number of workers or where a run was resumed. Evaluation shards the validation set without
+the number of workers or where a run was resumed; a transform of a whole batch (MixUp/CutMix) is
+drawn under a seed made from its samples' keys. Evaluation shards the validation set without
 padding, so every sample is counted exactly once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import signal
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from dtrain.config import Config
 from dtrain.dist import DistEnv
@@ -45,12 +47,61 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+class RepeatedAugmentationSampler(ResumableSampler):
+    """Repeated augmentation (torchvision's --ra-sampler --ra-reps k): each image k times per epoch.
+
+    The epoch's permutation (seed, epoch) is repeated element-wise (a a a b b b ...) and dealt out
+    round-robin, so the k copies of an image land on k consecutive ranks (on different ranks when
+    world size >= k) and each copy is augmented under a seed of its own: keys are (epoch, index,
+    repeat). Each rank takes len(dataset) // world_size samples per epoch, so an epoch is as long
+    as without repetition and shows about len(dataset) / k distinct images, k times each.
+    (torchvision first rounds the data set down to a multiple of 256; that changes the length of
+    an ImageNet epoch by 17 samples per rank on 8 GPUs.) Mid-epoch resume skips as the plain
+    sampler does: consumed samples are a prefix of the dealt-out sequence, on any world size.
+    """
+
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, repeats: int):
+        super().__init__(dataset, env, seed)
+        self.repeats = repeats
+        self.num_samples = len(dataset) // env.world_size
+        self.total_size = self.num_samples * env.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        repeated = [(index, r) for index in order.tolist() for r in range(self.repeats)]
+        mine = repeated[self.rank:self.total_size:self.num_replicas][self.skip:]
+        return iter([(self.epoch, index, r) for index, r in mine])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """torch's CPU generator and Python's `random` start from `seed`; both are put back afterwards."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        # The CPU generator only: torch.manual_seed also seeds every CUDA device (slow, per sample).
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class KeyedItems(list):
+    """A batch's samples, carrying the sampler keys they were fetched for (for SeededBatchTransform)."""
+
+    def __init__(self, items, keys: list[tuple[int, ...]]):
+        super().__init__(items)
+        self.keys = keys
+
+
 class EpochSeeded(Dataset):
     """Item (epoch, i) is dataset[i] computed under a seed of its own, then the RNGs are put back.
 
-    With random_samples=False (a dataset that draws no random numbers, e.g. pre-tokenized text) there is
-    nothing to seed: a batch is fetched in one call when the dataset can (``__getitems__``, as
-    Hugging Face datasets do: one Arrow read instead of one per row).
+    A key may carry a third number, the repeat of the sample in its epoch (repeated augmentation):
+    each repeat is augmented differently. With random_samples=False (a dataset that draws no random
+    numbers, e.g. pre-tokenized text) there is nothing to seed: a batch is fetched in one call when the
+    dataset can (``__getitems__``, as Hugging Face datasets do: one Arrow read instead of one per row).
     """
 
     def __init__(self, dataset: Dataset, seed: int, random_samples: bool = True):
@@ -59,27 +110,48 @@ class EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]):
         if not self.random_samples:
-            return self.dataset[index]
-        sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also seeds every CUDA device (slow, per sample).
-            torch.default_generator.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
+            return self.dataset[key[1]]
+        with seeded(self.sample_seed(key)):
+            return self.dataset[key[1]]
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+    def sample_seed(self, key: tuple[int, ...]) -> int:
+        epoch, index, *repeat = key
+        sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+        for r in repeat:
+            sample_seed = (sample_seed * 1_000_033 + r + 1) % (2**63)
+        return sample_seed
+
+    def __getitems__(self, keys: list[tuple[int, ...]]) -> KeyedItems:
         """The DataLoader's batched fetch."""
         fetch_batch = getattr(self.dataset, "__getitems__", None)
         if self.random_samples or fetch_batch is None:
-            return [self[key] for key in keys]
-        return fetch_batch([index for _, index in keys])
+            return KeyedItems([self[key] for key in keys], keys)
+        return KeyedItems(fetch_batch([key[1] for key in keys]), keys)
+
+
+class SeededBatchTransform:
+    """Collate a batch, then transform it as a whole (MixUp/CutMix) under a seed made from its samples' keys.
+
+    torchvision's MixUp, CutMix and RandomChoice draw from torch's global generator. Here that generator is
+    seeded per batch from the keys of its samples (epoch, index[, repeat]), which are the same whatever
+    the number of DataLoader workers or where a run was resumed, and differ between ranks; the caller's
+    random state is put back afterwards.
+    """
+
+    def __init__(self, collate_fn: Callable | None, transform: Callable[[Any], Any], seed: int):
+        self.collate_fn = collate_fn or default_collate
+        self.transform, self.seed = transform, seed
+
+    def __call__(self, items: KeyedItems):
+        batch = self.collate_fn(items)
+        batch_seed = (self.seed * 1_000_003 + 7) % (2**63)
+        for key in items.keys:
+            for part in key:
+                batch_seed = (batch_seed * 10_000_019 + part) % (2**63)
+        with seeded(batch_seed):
+            return self.transform(batch)
 
 
 class ShardSampler(Sampler[int]):
@@ -96,25 +168,29 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, env: DistEnv,
-                 random_samples: bool = True) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+                 random_samples: bool = True, batch_transform: Callable[[Any], Any] | None = None,
+                 ra_reps: int = 1) -> tuple[DataLoader, ResumableSampler, DataLoader]:
     workers = cfg.num_workers
     common = dict(
         num_workers=workers,
         worker_init_fn=functools.partial(ignore_signals, cfg.stop_signals) if workers > 0 else None,
-        collate_fn=collate_fn,
         pin_memory=env.device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    seeded = EpochSeeded(train_set, cfg.seed, random_samples)
-    sampler = ResumableSampler(seeded, env, seed=cfg.seed)
+    train_samples = EpochSeeded(train_set, cfg.seed, random_samples)
+    if ra_reps > 1:
+        sampler = RepeatedAugmentationSampler(train_samples, env, seed=cfg.seed, repeats=ra_reps)
+    else:
+        sampler = ResumableSampler(train_samples, env, seed=cfg.seed)
+    train_collate = SeededBatchTransform(collate_fn, batch_transform, cfg.seed) if batch_transform else collate_fn
     # Each loader draws its workers' base seed from a generator of its own whenever an iterator is
     # made. From the global generator, that draw would shift dropout's random stream, and a run
     # resumed mid-epoch (which makes one iterator more) would no longer match an uninterrupted one.
-    train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.seed), **common)
+    train_loader = DataLoader(train_samples, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              collate_fn=train_collate, generator=torch.Generator().manual_seed(cfg.seed), **common)
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                            sampler=ShardSampler(len(val_set), env), drop_last=False,
+                            sampler=ShardSampler(len(val_set), env), drop_last=False, collate_fn=collate_fn,
                             generator=torch.Generator().manual_seed(cfg.seed), **common)
     return train_loader, sampler, val_loader
 

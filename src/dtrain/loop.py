@@ -18,9 +18,10 @@ from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
 from dtrain.dist import (DistEnv, agree_on_failure, all_reduce_sum, barrier, broadcast_object, gather_objects,
                          max_over_ranks)
+from dtrain.ema import ModelEMA
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
-from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.optim import build_optimizer, build_scheduler, warmup_steps
 from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.strategies import Strategy
 from dtrain.workloads import Task, build_task
@@ -46,6 +47,7 @@ class Trainer:
     logger: RunLogger
     stop: StopRequest
     nonfinite: "NonfiniteWatch"
+    ema: ModelEMA | None  # ema.enabled: the average of the weights, evaluated after the model
 
 
 class NonfiniteWatch:
@@ -125,9 +127,9 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) ->
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
     model = strategy.wrap(task.model, task.units(task.model))
-    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay)
+    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay, task.is_head)
     train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                                     task.random_samples)
+                                                     task.random_samples, task.batch_transform, task.ra_reps)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
@@ -137,16 +139,25 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) ->
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    ema = None  # made before any forward (see ModelEMA) and before the checkpoint is loaded into it
+    if cfg.ema.enabled:
+        ema = ModelEMA(cfg, strategy, env.world_size, warmup_steps(cfg.optim, steps_per_epoch))
     if cfg.precision == "fp16" and env.device.type != "cuda":
         raise UserError("precision=fp16 needs a GPU; on the CPU use precision=bf16 or fp32")
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler) or state
+    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, ema) or state
+    if state.best_metric != cfg.best_metric:  # resumed with another best_metric: best.pt is chosen afresh
+        state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
+    if ema is not None:
+        logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.6g} (ema.decay={cfg.ema.decay} "
+                     f"adjusted for {env.world_size} x {cfg.batch_size * cfg.grad_accum_steps} x {ema.steps} / "
+                     f"{cfg.epochs} epochs)")
     return Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
-                   steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device))
+                   steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), ema)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -170,7 +181,7 @@ def fit(t: Trainer) -> dict[str, float]:
         finished = epoch_done and state.epoch == cfg.epochs or reached_max_steps(t)
         if finished or (epoch_done and state.epoch % cfg.eval_every == 0):
             metrics = evaluate_and_log(t)
-        save(t, metrics.get("accuracy"))
+        save(t, metrics.get(cfg.best_metric))
         log_memory(t)
         if t.stop.agreed():
             stop_after_save(t)
@@ -214,6 +225,8 @@ def train_one_epoch(t: Trainer) -> None:
         optimizer_step(t)
         loss_sum[1] += 1
         state.step += 1
+        if t.ema is not None:
+            t.ema.after_step(state.step)
         state.samples_in_epoch += samples_per_step
         speed.samples += samples_per_step
         t.logger.step_done()
@@ -310,8 +323,9 @@ def log_memory(t: Trainer) -> None:
 
 
 @torch.no_grad()
-def evaluate(t: Trainer) -> dict[str, float]:
-    """Exact metrics over the whole validation set, whatever the world size."""
+def eval_totals(t: Trainer) -> dict[str, Any]:
+    """The workload's evaluation sums over the whole validation set, added over the ranks: exact whatever the
+    world size. Scalars come back as floats, other shapes (a confusion matrix) as CPU tensors."""
     model = t.strategy.eval_model()
     model.eval()
     autocast = autocast_context(t.env.device, t.cfg.precision)
@@ -329,12 +343,12 @@ def evaluate(t: Trainer) -> dict[str, float]:
             continue
         for key, value in sums.items():  # accumulate on the device: no host sync per batch
             local[key] = local.get(key, 0) + value.detach().double()
-    totals: dict[str, float] = {}
-    local_floats = {key: float(value) for key, value in local.items()}
-    for rank_sums in gather_objects(local_floats, t.env):  # ranks may hold no batch at all: merge dicts
+    totals: dict[str, Any] = {}
+    local_cpu = {key: value.cpu() for key, value in local.items()}
+    for rank_sums in gather_objects(local_cpu, t.env):  # ranks may hold no batch at all: merge dicts
         for key, value in rank_sums.items():
-            totals[key] = totals.get(key, 0.0) + value
-    return t.task.summarize(totals)
+            totals[key] = totals[key] + value if key in totals else value
+    return {key: value.item() if value.ndim == 0 else value for key, value in totals.items()}
 
 
 def padding_batch(t: Trainer):
@@ -342,10 +356,24 @@ def padding_batch(t: Trainer):
     return t.val_loader.collate_fn([t.task.val_set[0]])
 
 
-def evaluate_and_log(t: Trainer) -> dict[str, float]:
-    metrics = evaluate(t)
-    t.logger.record({"kind": "eval", "epoch": last_trained_epoch(t.state), "step": t.state.step, **metrics},
+def evaluate_and_log(t: Trainer) -> dict[str, Any]:
+    """Evaluate the model, then its EMA (records `eval` and `eval_ema`); the EMA's metrics come back
+    prefixed with `ema_`."""
+    metrics = evaluate_and_record(t, "eval")
+    if t.ema is not None:
+        with t.ema.swapped_in():
+            ema_metrics = evaluate_and_record(t, "eval_ema")
+        metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
+    return metrics
+
+
+def evaluate_and_record(t: Trainer, kind: str) -> dict[str, Any]:
+    totals = eval_totals(t)
+    metrics = t.task.summarize(totals)
+    t.logger.record({"kind": kind, "epoch": last_trained_epoch(t.state), "step": t.state.step, **metrics},
                     t.state.step)
+    if t.task.confusion is not None:
+        t.logger.confusion(kind, t.state.step, *t.task.confusion(totals))
     return metrics
 
 
@@ -353,14 +381,15 @@ def evaluate_and_log(t: Trainer) -> dict[str, float]:
 # Checkpoints
 
 
-def save(t: Trainer, accuracy: float | None) -> None:
+def save(t: Trainer, score: float | None) -> None:
     """All ranks call this. Rank 0 writes one file, or (sharded) every rank writes its part; nobody
-    runs ahead (or exits) until the checkpoint is in place, and a failure anywhere stops every rank."""
+    runs ahead (or exits) until the checkpoint is in place, and a failure anywhere stops every rank.
+    `score` is this save's value of best_metric (None when it was not evaluated)."""
     t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
     state, env = t.state, t.env
-    is_best = accuracy is not None and accuracy > state.best_accuracy
+    is_best = score is not None and score > state.best_accuracy
     if is_best:
-        state.best_accuracy = accuracy
+        state.best_accuracy = score
     state.world_size = env.world_size
     meta = {
         "format_version": ckpt.FORMAT_VERSION,
@@ -371,13 +400,19 @@ def save(t: Trainer, accuracy: float | None) -> None:
         "rng": gather_objects(ckpt.rng_state(), env),
         "config": to_dict(t.cfg),
     }
+    if t.ema is not None:
+        meta["ema_updates"] = t.ema.updates
     model_state, optim_state = t.strategy.state_dicts(t.optimizer)  # a collective under FSDP
     ckpt_dir, failure = ckpt.checkpoint_dir(t.cfg.output_dir), None
     try:
         if t.strategy.sharded:
             tensors, rest = ckpt.split_tensors(model_state, optim_state)
+            if t.ema is not None:
+                tensors["ema"] = t.ema.tensors  # this rank's shards, as the model's
             ckpt.save_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best, env.is_main)
         elif env.is_main:
+            if t.ema is not None:
+                meta["ema"] = t.ema.whole_state()
             ckpt.save_checkpoint({**meta, "model": model_state, "optimizer": optim_state}, ckpt_dir, state.step,
                                  t.cfg.keep_last, is_best)
     except UserError as e:
@@ -385,8 +420,8 @@ def save(t: Trainer, accuracy: float | None) -> None:
     agree_on_failure(failure, env)  # also the barrier: nobody runs ahead (or exits) before the save is complete
 
 
-def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler,
-            scaler) -> TrainState | None:
+def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler, scaler,
+            ema: ModelEMA | None) -> TrainState | None:
     """Load the checkpoint named by cfg.resume (either kind, from any mode) into the wrapped model."""
     checkpoint = find_checkpoint(cfg, env)
     if checkpoint is None:
@@ -396,9 +431,12 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
         return None
     data, path = checkpoint.data, checkpoint.path
     ckpt.check_identity(data, task.identity, path)
+    has_ema = ema is not None and "ema_updates" in data
     if checkpoint.sharded:
         tensors, _ = ckpt.split_tensors(*strategy.load_target(optimizer))
-        ckpt.load_sharded_tensors(checkpoint, tensors)  # into this rank's own tensors
+        if has_ema:
+            tensors["ema"] = ema.tensors
+        ckpt.load_sharded_tensors(checkpoint, tensors)  # into this rank's own tensors (the EMA's too)
         strategy.load_state_dicts(optimizer, *ckpt.join_tensors(tensors, data), whole=False)
     elif data["format_version"] == 1:  # optimizer state by parameter position: only into the same layout
         if strategy.sharded:
@@ -408,6 +446,14 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
         optimizer.load_state_dict(data["optimizer"])
     else:
         strategy.load_state_dicts(optimizer, data["model"], data["optimizer"], whole=True)
+    if has_ema:
+        if not checkpoint.sharded:
+            ema.load_whole(data["ema"], data["ema_updates"])
+        ema.updates = data["ema_updates"]
+    elif ema is not None:
+        ema.start_from_model()
+        if env.is_main:
+            print(f"checkpoint {path} holds no EMA: the average starts from its weights", flush=True)
     scheduler.load_state_dict(data["scheduler"])
     scaler.load_state_dict(data["scaler"])
     state = TrainState(**data["state"])

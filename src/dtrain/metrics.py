@@ -43,6 +43,7 @@ class RunLogger:
         self.use_bar = progress and sys.stderr.isatty()
         self.jsonl = None
         self.tb = None
+        self.output_dir = Path(output_dir)
         if env.is_main:
             self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", buffering=1)
             from torch.utils.tensorboard import SummaryWriter  # import only where it is used
@@ -75,6 +76,24 @@ class RunLogger:
             if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
         self.print(_format(record))
+
+    def confusion(self, kind: str, step: int, classes: list[str], matrix: list[list[int]]) -> None:
+        """Rank 0: one evaluation's confusion matrix (rows: true class, columns: predicted class) to
+        <output_dir>/confusion/step_N.json (step_N_ema.json for the EMA), and to TensorBoard as an image
+        whose rows are normalised (row i: where class i's samples went; the diagonal is each class's recall)."""
+        if not self.env.is_main:
+            return
+        folder = self.output_dir / "confusion"
+        folder.mkdir(exist_ok=True)
+        suffix = kind.removeprefix("eval")
+        path = folder / f"step_{step:08d}{suffix}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "kind": kind, "rows": "true class", "columns": "predicted class",
+                                   "classes": classes, "matrix": matrix}) + "\n")
+        tmp.replace(path)
+        counts = torch.tensor(matrix, dtype=torch.float32)
+        self.tb.add_image(f"{kind}/confusion", counts / counts.sum(dim=1, keepdim=True).clamp(min=1), step,
+                          dataformats="HW")
 
     def print(self, line: str) -> None:
         if not self.env.is_main:

@@ -13,16 +13,25 @@ from dtrain.errors import UserError
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
-                    is_no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> torch.optim.Optimizer:
-    """Biases and norm weights (1-d tensors) get no weight decay unless cfg.decay_norm_and_bias."""
+                    is_no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+                    is_head: Callable[[str], bool] | None = None) -> torch.optim.Optimizer:
+    """Biases and norm weights (1-d tensors) get no weight decay unless cfg.decay_norm_and_bias; with
+    cfg.backbone_lr_scale != 1, parameters outside the classifier head get lr x that scale (fine-tuning)."""
     is_no_decay = is_no_decay or (lambda name, p: p.ndim <= 1)
-    decay, no_decay = [], []
+    if cfg.backbone_lr_scale != 1.0 and is_head is None:
+        raise UserError("optim.backbone_lr_scale needs a workload that names its classifier head (workload=image)")
+    by_kind: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (decays, backbone) -> parameters
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if is_no_decay(name, p) and not cfg.decay_norm_and_bias else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (is_no_decay(name, p) and not cfg.decay_norm_and_bias)
+        backbone = cfg.backbone_lr_scale != 1.0 and not is_head(name)
+        by_kind.setdefault((decays, backbone), []).append(p)
+    # The (decay, no decay) pair always exists, in this order: checkpoints of plain runs keep their layout.
+    order = [(True, False), (False, False), (True, True), (False, True)]
+    groups = [{"params": by_kind.get(key, []), "weight_decay": cfg.weight_decay if key[0] else 0.0,
+               "lr": cfg.lr * (cfg.backbone_lr_scale if key[1] else 1.0)}
+              for key in order if key in by_kind or not key[1]]
     fused = True if cfg.fused else None  # None: torch picks its default (foreach)
     try:
         if cfg.name == "sgd":
@@ -33,15 +42,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
                         "set optim.fused=false") from None
 
 
+def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in optimizer steps (optim.warmup_steps, or optim.warmup_epochs of this run's epochs)."""
+    return cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+
+
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "step":
         return cfg.gamma ** (step // max(1, cfg.step_epochs * steps_per_epoch))
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 

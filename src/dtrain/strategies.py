@@ -4,8 +4,10 @@
     model = strategy.wrap(task.model, units)      # what the loop trains; strategy.raw_model owns the weights
 
 The loop, the workloads and the benchmarks use this interface and never ask which mode they are in:
-  wrap(model, units)         device, activation checkpointing of `units`, the mode's wrapper
+  wrap(model, units)         device, SyncBatchNorm (sync_bn), activation checkpointing of `units`, the mode's wrapper
   eval_model()               what evaluation calls
+  sync_buffers()             every rank's buffers (BatchNorm statistics) become rank 0's
+  parameters_changed()       after raw_model's parameters were changed in place outside the optimizer (EMA swap)
   no_sync(skip)              skip the gradient reduction of a non-final accumulation micro-step
   zero_grad_to_none          what optimizer.zero_grad(set_to_none=...) should do between steps
   clip_grad_norm(max_norm)   the global gradient norm as a plain tensor (clipped when max_norm > 0)
@@ -33,9 +35,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from dtrain import syncbn
 from dtrain.config import Config
 from dtrain.dist import DistEnv
-from dtrain.errors import UserError
+from dtrain.errors import ConfigError, UserError
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,7 +58,7 @@ class Strategy:
         self.model: nn.Module | None = None  # what training calls
 
     def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
-        model = model.to(self.env.device)
+        model = self.sync_batch_norm(model.to(self.env.device))
         if self.cfg.activation_checkpointing:
             checkpoint_activations(units)
         self.raw_model = model
@@ -65,8 +68,29 @@ class Strategy:
     def _wrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def sync_batch_norm(self, model: nn.Module) -> nn.Module:
+        """sync_bn=true: BatchNorm layers normalise with the statistics of the global batch. Converted before
+        wrapping (DDP and FSDP then see SyncBatchNorm modules); modes without ranks refuse it."""
+        if not self.cfg.sync_bn:
+            return model
+        if self.env.world_size < 2:
+            raise ConfigError("sync_bn=true needs 2 or more processes (torchrun/srun with DDP or FSDP): one process "
+                              "already normalises over its whole batch")
+        if not syncbn.has_batch_norm(model):
+            raise ConfigError(f"sync_bn=true: model.arch={getattr(self.cfg.model, 'arch', '?')} has no BatchNorm "
+                              "layer to synchronise; set sync_bn=false")
+        return syncbn.convert(model, self.env.device)
+
     def eval_model(self) -> nn.Module:
         return self.model
+
+    def sync_buffers(self) -> None:
+        """Every rank's buffers become rank 0's: each rank's BatchNorm statistics moved on its own batches
+        (nothing to do in one process)."""
+        broadcast_coalesced(list(self.raw_model.buffers()))
+
+    def parameters_changed(self) -> None:
+        """raw_model's parameters were changed in place outside the optimizer (nothing is cached here)."""
 
     def no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -120,6 +144,12 @@ class DataParallel(Strategy):
     def _wrap(self, model: nn.Module) -> nn.Module:
         return nn.DataParallel(model)
 
+    def sync_batch_norm(self, model: nn.Module) -> nn.Module:
+        if self.cfg.sync_bn:  # its replicas are threads of one process, not ranks of a process group
+            raise ConfigError("sync_bn=true does not work with mode=dp (nn.DataParallel): launch one process per "
+                              "GPU with torchrun (DDP) instead")
+        return model
+
 
 class DDP(Strategy):
     """One process per device; gradients are all-reduced during backward."""
@@ -139,7 +169,7 @@ class DDP(Strategy):
         """The inner module (DDP's forward would sync buffers and prepare a gradient reduction), with rank
         0's buffers: each rank's BatchNorm statistics moved on its own batches since DDP's last broadcast,
         and every rank should evaluate the model checkpoints hold."""
-        broadcast_coalesced(list(self.raw_model.buffers()))
+        self.sync_buffers()
         return self.model.module
 
     def no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
@@ -168,7 +198,7 @@ class FSDP(Strategy):
         fsdp = self.cfg.fsdp
         if fsdp.cpu_offload and self.env.device.type != "cuda":
             raise UserError("fsdp.cpu_offload=true needs GPUs: on the CPU the parameters are in CPU memory already")
-        model = model.to(self.env.device)
+        model = self.sync_batch_norm(model.to(self.env.device))
         if self.cfg.activation_checkpointing:
             checkpoint_activations(units)
         param_dtype, reduce_dtype = DTYPES[fsdp.param_dtype], DTYPES[fsdp.reduce_dtype]
@@ -197,8 +227,21 @@ class FSDP(Strategy):
         return self.model
 
     def eval_model(self) -> nn.Module:
-        broadcast_coalesced(self.norm_buffers)  # as under DDP: every rank evaluates rank 0's statistics
+        self.sync_buffers()  # as under DDP: every rank evaluates rank 0's statistics
         return self.model
+
+    def sync_buffers(self) -> None:
+        broadcast_coalesced(self.norm_buffers)
+
+    def parameters_changed(self) -> None:
+        """A unit whose gathered parameters were kept after a forward (the root never frees them; none are
+        freed after an evaluation's forward without backward) would use those stale copies in its next
+        forward: free them, so the next forward gathers the shards as they are now."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.raw_model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _broadcast_norm_buffers(self, module: nn.Module, args: Any) -> None:
         """BatchNorm statistics are buffers, which FSDP neither shards nor synchronises: each rank would
@@ -220,7 +263,7 @@ class FSDP(Strategy):
     def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         """This rank's shards. Replicated tensors (BatchNorm statistics) are written once, so they are
         made rank 0's first, as DDP saves them."""
-        broadcast_coalesced(self.norm_buffers)
+        self.sync_buffers()
         return get_state_dict(self.raw_model, optimizer)
 
 

@@ -24,9 +24,9 @@ class Task:
     train_loss: Callable[[nn.Module, Any], torch.Tensor]
     # batch -> dict of sums over the batch (scalar tensors); must include "samples"
     eval_sums: Callable[[nn.Module, Any], dict[str, torch.Tensor]]
-    # globally reduced sums (as floats; a key may be absent when no rank saw a batch)
-    # -> metrics; must include "loss", "accuracy" and "samples"
-    summarize: Callable[[dict[str, float]], dict[str, float]]
+    # globally reduced sums (scalars as floats, other shapes as CPU tensors; a key may be absent when no rank saw
+    # a batch) -> metrics; must include "loss", "accuracy" and "samples"
+    summarize: Callable[[dict[str, Any]], dict[str, Any]]
     collate_fn: Callable | None = None
     # whether a training sample draws random numbers (augmentation); if so each one is drawn
     # under a seed of its own (data.EpochSeeded), else batches are fetched without seeding
@@ -40,6 +40,15 @@ class Task:
     units: Callable[[nn.Module], list[nn.Module]] = lambda model: []
     # model-specific parameter grouping hook for the optimizer; None = decay on >=2-d tensors only
     is_no_decay: Callable[[str, nn.Parameter], bool] | None = None
+    # parameter name -> whether it belongs to the classifier head (optim.backbone_lr_scale); None = no head known
+    is_head: Callable[[str], bool] | None = None
+    # a random transform of a whole collated training batch (MixUp/CutMix), run under a seed made from the
+    # batch's sample keys (data.SeededBatchTransform); None = none
+    batch_transform: Callable[[Any], Any] | None = None
+    # repeated augmentation: each training sample this many times per epoch (data.RepeatedAugmentationSampler)
+    ra_reps: int = 1
+    # reduced sums -> (class names, confusion matrix: rows are true classes, columns predictions); None = none
+    confusion: Callable[[dict[str, Any]], tuple[list[str], list[list[int]]]] | None = None
 
 
 def build_task(cfg, env) -> Task:

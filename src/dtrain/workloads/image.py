@@ -1,7 +1,14 @@
-"""ImageNet-style classification: any torchvision model, ImageFolder data (or synthetic images)."""
+"""ImageNet-style classification: any torchvision model, ImageFolder data (or synthetic images).
+
+The training recipe's pieces are torchvision's own: transforms.v2 for the per-sample augmentation
+(random resized crop, flip, an auto-augment policy, random erasing) and MixUp/CutMix for whole batches
+(soft targets, which the cross-entropy loss takes as class probabilities). Evaluation reports top-1/top-5
+and exact per-class precision, recall and F1 from a confusion matrix summed over the ranks.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +18,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, default_collate
-from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
+from torchvision.transforms import InterpolationMode, v2
 
 from dtrain.config import Config, ImageDataConfig, ImageModelConfig
 from dtrain.errors import UserError
@@ -25,12 +32,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def build(cfg: Config, env) -> Task:
     data: ImageDataConfig = cfg.data
     if data.synthetic:
-        train_set = SyntheticImages(data.synthetic_train_size, data.num_classes, data.image_size, seed=cfg.seed)
+        # Generated as the transforms would hand them over (training crop / validation crop size); no
+        # per-sample augmentation is applied to them.
+        train_set = SyntheticImages(data.synthetic_train_size, data.num_classes, train_crop_size(data),
+                                    seed=cfg.seed)
         val_set = SyntheticImages(data.synthetic_val_size, data.num_classes, data.image_size, seed=cfg.seed + 1)
-        num_classes = data.num_classes
+        classes = [str(i) for i in range(data.num_classes)]
     else:
         train_set, val_set = image_folders(data)
-        num_classes = len(train_set.classes)
+        classes = train_set.classes
+    num_classes = len(classes)
     model = build_model(cfg.model, num_classes)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -54,7 +65,7 @@ def build(cfg: Config, env) -> Task:
 
     def train_loss(model: nn.Module, batch) -> torch.Tensor:
         images, targets = good_part(batch)
-        return criterion(model(images), targets)
+        return criterion(model(images), targets)  # targets: class ids, or class probabilities after MixUp/CutMix
 
     def eval_sums(model: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, targets = good_part(batch)
@@ -62,35 +73,73 @@ def build(cfg: Config, env) -> Task:
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hits = topk.eq(targets[:, None])
+        # Counts (true class, predicted class): sums over batches and ranks stay exact integers.
+        confusion = torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
         return {
             "samples": torch.tensor(float(targets.numel()), dtype=torch.float64),
             "loss_sum": F.cross_entropy(logits, targets, reduction="sum").double(),
             "correct1": hits[:, 0].sum().double(),
             "correct5": hits.any(dim=1).sum().double(),
+            "confusion": confusion.view(num_classes, num_classes).double(),
         }
 
+    def confusion(sums: dict[str, Any]) -> tuple[list[str], list[list[int]]]:
+        return classes, confusion_matrix(sums, num_classes).long().tolist()
+
+    head = head_name(model, num_classes)
     return Task(
         model=model,
         train_set=train_set,
         val_set=val_set,
         train_loss=train_loss,
         eval_sums=eval_sums,
-        summarize=summarize,
+        summarize=functools.partial(summarize, num_classes=num_classes),
         collate_fn=collate_skipping_bad,
         random_samples=not data.synthetic,  # synthetic images are fixed by their index; folders are augmented
         identity={"workload": "image", "arch": cfg.model.arch, "num_classes": num_classes},
         units=blocks,
+        is_head=lambda name: name.startswith(f"{head}."),
+        batch_transform=mixup_cutmix(data, num_classes),
+        ra_reps=data.ra_reps,
+        confusion=confusion,
     )
 
 
-def summarize(sums: dict[str, float]) -> dict[str, float]:
+def summarize(sums: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """Accuracy, top-5, and per-class precision, recall and F1 with their macro averages.
+
+    A class that is neither in the validation set nor ever predicted is left out of the macro averages
+    (it has no precision or recall to speak of); one never predicted has precision 0 (as scikit-learn's
+    zero_division=0).
+    """
     n = max(sums.get("samples", 0.0), 1.0)
+    matrix = confusion_matrix(sums, num_classes)
+    hits, predicted, support = matrix.diagonal(), matrix.sum(dim=0), matrix.sum(dim=1)
+    precision = hits / predicted.clamp(min=1)
+    recall = hits / support.clamp(min=1)
+    f1 = 2 * hits / (predicted + support).clamp(min=1)
+    seen = (predicted + support) > 0
+    macro = {name: (values[seen].mean().item() if seen.any() else 0.0)
+             for name, values in (("macro_precision", precision), ("macro_recall", recall), ("macro_f1", f1))}
     return {
         "loss": sums.get("loss_sum", 0.0) / n,
         "accuracy": sums.get("correct1", 0.0) / n,
         "top5": sums.get("correct5", 0.0) / n,
+        **macro,
         "samples": int(sums.get("samples", 0)),
+        "per_class": {"precision": rounded(precision), "recall": rounded(recall), "f1": rounded(f1),
+                      "support": support.long().tolist()},
     }
+
+
+def confusion_matrix(sums: dict[str, Any], num_classes: int) -> torch.Tensor:
+    """The reduced confusion counts (absent when no rank evaluated a batch)."""
+    matrix = sums.get("confusion")
+    return matrix.double() if matrix is not None else torch.zeros(num_classes, num_classes, dtype=torch.float64)
+
+
+def rounded(values: torch.Tensor) -> list[float]:
+    return [round(v, 4) for v in values.tolist()]  # metrics.jsonl stays short for a thousand classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +190,14 @@ def load_local_weights(model: nn.Module, path: str) -> None:
         print(f"model.weights: new (randomly initialised) {', '.join(replaced)}: class count differs", flush=True)
 
 
+def head_name(model: nn.Module, num_classes: int) -> str:
+    """The classifier head: the last module that maps to the class scores (resnet `fc`, vit `heads.head`,
+    `classifier.N` of VGG, MobileNet, EfficientNet, SqueezeNet's 1x1 convolution)."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+             and m.weight.shape[0] == num_classes]
+    return heads[-1] if heads else ""
+
+
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a torchvision classifier: ResNet-style stages' blocks (layer1..layer4), a
     ViT's encoder layers, or the children of a `features` stack (VGG, MobileNet, EfficientNet, ...)."""
@@ -185,23 +242,64 @@ def _folder(path: Path, transform) -> "SafeImageFolder":
                         f"extensions {', '.join(IMG_EXTENSIONS[:4])}, ...)") from None
 
 
-def train_transform(data: ImageDataConfig):
+def train_crop_size(data: ImageDataConfig) -> int:
+    return data.train_crop_size or data.image_size
+
+
+def train_transform(data: ImageDataConfig) -> v2.Compose:
+    """torchvision's training preset: random resized crop, flip, auto-augment policy (on the image, before
+    it becomes a float tensor), normalisation, random erasing. Random draws come from torch's generator,
+    which the loader seeds per sample (data.EpochSeeded)."""
     if not data.augment:
         return val_transform(data)
-    steps = [transforms.RandomResizedCrop(data.image_size, scale=(data.min_crop_scale, 1.0), antialias=True)]
+    interpolation = InterpolationMode(data.interpolation)
+    steps: list[Any] = [v2.RandomResizedCrop(train_crop_size(data), scale=(data.min_crop_scale, 1.0),
+                                             interpolation=interpolation, antialias=True)]
     if data.hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        steps.append(v2.RandomHorizontalFlip())
+    policies = {
+        "ta_wide": lambda: v2.TrivialAugmentWide(interpolation=interpolation),
+        "ra": lambda: v2.RandAugment(interpolation=interpolation),
+        "imagenet": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation),
+        "augmix": lambda: v2.AugMix(interpolation=interpolation),
+    }
+    if data.auto_augment != "none":
+        steps.append(policies[data.auto_augment]())
+    steps += to_normalized_tensor()
+    if data.random_erase > 0:
+        steps.append(v2.RandomErasing(p=data.random_erase))
+    return v2.Compose(steps)
 
 
-def val_transform(data: ImageDataConfig):
-    resize = int(round(data.image_size / data.val_crop_ratio))
-    return transforms.Compose([
-        transforms.Resize(resize, antialias=True),
-        transforms.CenterCrop(data.image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def val_transform(data: ImageDataConfig) -> v2.Compose:
+    resize = data.val_resize_size or int(round(data.image_size / data.val_crop_ratio))
+    return v2.Compose([v2.Resize(resize, interpolation=InterpolationMode(data.interpolation), antialias=True),
+                       v2.CenterCrop(data.image_size), *to_normalized_tensor()])
+
+
+def to_normalized_tensor() -> list[Any]:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.ToPureTensor()]
+
+
+def mixup_cutmix(data: ImageDataConfig, num_classes: int):
+    """MixUp and/or CutMix of a collated (images, targets, unreadable) batch; one of them, chosen at random
+    per batch, when both are on (as torchvision's reference does). None when both are off."""
+    choices = [v2.MixUp(alpha=data.mixup_alpha, num_classes=num_classes)] if data.mixup_alpha > 0 else []
+    if data.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=data.cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    mix = v2.RandomChoice(choices)
+
+    def transform(batch):
+        images, targets, bad = batch
+        if images.numel() == 0:
+            return batch  # every image unreadable: good_part reports it
+        images, soft_targets = mix(images, targets)
+        return images, soft_targets, bad
+
+    return transform
 
 
 class SafeImageFolder(ImageFolder):
