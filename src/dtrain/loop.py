@@ -153,7 +153,7 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) ->
         state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
     if ema is not None:
-        logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.6g} (ema.decay={cfg.ema.decay} "
+        logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.8g} (ema.decay={cfg.ema.decay} "
                      f"adjusted for {env.world_size} x {cfg.batch_size * cfg.grad_accum_steps} x {ema.steps} / "
                      f"{cfg.epochs} epochs)")
     return Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
