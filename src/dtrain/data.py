@@ -68,9 +68,11 @@ class RepeatedAugmentationSampler(ResumableSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        repeated = [(index, r) for index in order.tolist() for r in range(self.repeats)]
-        mine = repeated[self.rank:self.total_size:self.num_replicas][self.skip:]
-        return iter([(self.epoch, index, r) for index, r in mine])
+        # Position p of the repeated sequence is repeat p % k of image order[p // k]; this rank deals p = rank,
+        # rank + W, ... (computed, not listed: the repeated sequence of ImageNet has 5 million entries).
+        positions = torch.arange(self.rank, self.total_size, self.num_replicas)[self.skip:]
+        keys = zip(order[positions // self.repeats].tolist(), (positions % self.repeats).tolist())
+        return iter([(self.epoch, index, r) for index, r in keys])
 
 
 @contextlib.contextmanager

@@ -68,15 +68,15 @@ class ModelEMA:
         if step % self.steps:
             return
         self.strategy.sync_buffers()
-        names = list(self.tensors)
-        averages = [local(self.tensors[n]) for n in names]
-        current = [local(self.model_tensors[n]).detach() for n in names]
         copy = self.updates == 0 or step <= self.warmup_steps
-        floats = [i for i, t in enumerate(averages) if t.is_floating_point() and not copy]
-        if floats:
-            self.update_fn([averages[i] for i in floats], [current[i] for i in floats], None)
-        for i in sorted(set(range(len(names))) - set(floats)):
-            averages[i].copy_(current[i])
+        averaged, copied = [], []
+        for name, average in self.tensors.items():
+            pair = (local(average), local(self.model_tensors[name]))
+            (averaged if pair[0].is_floating_point() and not copy else copied).append(pair)
+        if averaged:
+            self.update_fn([a for a, _ in averaged], [m for _, m in averaged], None)
+        for average, current in copied:  # all of them when copying; else integer buffers (batch counts)
+            average.copy_(current)
         self.updates += 1
 
     @contextlib.contextmanager
@@ -102,7 +102,7 @@ class ModelEMA:
         """Whole tensors on the CPU (a collective where the average is sharded)."""
         return {n: (t.full_tensor() if isinstance(t, DTensor) else t).cpu().clone() for n, t in self.tensors.items()}
 
-    def load_whole(self, state: dict[str, torch.Tensor], updates: int) -> None:
+    def load_whole(self, state: dict[str, torch.Tensor]) -> None:
         """From whole tensors (a single-file checkpoint); a sharded average takes its own shard of each."""
         missing = sorted(set(self.tensors) - set(state))
         if missing:
@@ -113,7 +113,6 @@ class ModelEMA:
                 if isinstance(t, DTensor):  # src_data_rank=None: every rank has the whole tensor, no communication
                     whole = distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None)
                 local(t).copy_(local(whole))
-        self.updates = updates
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

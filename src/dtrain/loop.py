@@ -447,8 +447,8 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
     else:
         strategy.load_state_dicts(optimizer, data["model"], data["optimizer"], whole=True)
     if has_ema:
-        if not checkpoint.sharded:
-            ema.load_whole(data["ema"], data["ema_updates"])
+        if not checkpoint.sharded:  # a sharded checkpoint's EMA was read with the other tensors
+            ema.load_whole(data["ema"])
         ema.updates = data["ema_updates"]
     elif ema is not None:
         ema.start_from_model()
