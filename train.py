@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = None
+    cfg = env = None
     try:
         cfg = load_config(args.config, args.overrides)
         from dtrain import dist  # torch is imported only once the command line is known to be good
@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             # A DataLoader whose worker died raises from its SIGCHLD handler again at every later child
             # exit, which would interrupt the report below.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        return exit_code_for(error, env)
+        return exit_code_for(error, cfg, env)
     finally:
         if env is not None:
             dist.cleanup(env)
 
 
-def exit_code_for(error: BaseException, env) -> int:
+def exit_code_for(error: BaseException, cfg, env) -> int:
     """Report how the run ended, in one line where it is not a bug; re-raise bugs (their traceback is the report)."""
     from dtrain.data import worker_failure
 
@@ -90,9 +90,16 @@ def exit_code_for(error: BaseException, env) -> int:
     if isinstance(error, Exception) and env is not None and env.distributed:
         from dtrain import dist
 
-        if dist.is_peer_failure(error):  # another rank failed first and says why; this one lost its peers
+        if dist.is_peer_failure(error):
+            from dtrain.observe import missing_ranks
+
             first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
+            silent = missing_ranks(cfg.output_dir, env)
+            if silent:  # nobody else will say it: the job's one line names who went missing
+                print(f"error [rank {env.rank}]: {silent}; a collective gave up after timeout_s={cfg.timeout_s:g} "
+                      f"({first_line})", file=sys.stderr, flush=True)
+            else:  # another rank failed first and says why; this one only notes that it lost its peers
+                print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
             return 1
     raise error
 

@@ -61,6 +61,12 @@ def test_workload_selects_the_model_and_data_sections():
     (["epochs"], "is not key=value"),
     (["stop_signals=SIGFOO"], "'SIGFOO' is not a signal name"),
     (["eval_only=true"], "eval_only=true needs a checkpoint"),
+    (["fsdp.param_dtype=fp8"], "config key 'fsdp.param_dtype' must be one of fp32, bf16, fp16"),
+    (["activation_checkpointing=sometimes"], "config key 'activation_checkpointing' must be bool"),
+    (["hang_report_s=-1"], "config key 'hang_report_s' must be >= 0"),
+    (["peak_tflops=-5"], "config key 'peak_tflops' must be >= 0"),
+    (["profile.start_step=-1"], "config key 'profile.start_step' must be >= 0"),
+    (["profile.steps=0"], "config key 'profile.steps' must be >= 1"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -112,6 +112,14 @@ class FSDPConfig:
     cpu_offload: bool = opt(False, "keep parameters, gradients and optimizer state in CPU memory (GPUs only)")
 
 
+@dataclass
+class ProfileConfig:
+    start_step: int = opt(0, "record a torch.profiler trace from this optimizer step on (0 = off), per rank, in "
+                             "<output_dir>/profile/")
+    steps: int = opt(3, "how many steps the trace covers")
+    cuda_memory: bool = opt(False, "GPUs: also write a CUDA memory snapshot of those steps")
+
+
 # Per-workload types of the `model` and `data` sections.
 WORKLOAD_SECTIONS: dict[str, tuple[type, type]] = {
     "image": (ImageModelConfig, ImageDataConfig),
@@ -147,6 +155,10 @@ class Config:
     num_workers: int = opt(2, "DataLoader worker processes per rank")
     threads: int = opt(0, "torch intra-op threads per process (0 = CPU cores / processes on this node)")
     log_every: int = opt(20, "log train metrics every N optimizer steps")
+    hang_report_s: float = opt(120.0, "a rank that made no progress for this long reports which ranks are silent or "
+                                      "elsewhere, and every live rank writes its stacks to <output_dir>/hang/ (0 = off)")
+    peak_tflops: float = opt(0.0, "the device's peak TFLOP/s at the run's precision: train records then report MFU "
+                                  "(0 = achieved TFLOP/s only)")
     progress: bool = opt(True, "rank-0 progress bar when stderr is a terminal (plain lines otherwise)")
     timeout_s: float = opt(600.0, "collective/rendezvous timeout in seconds: a dead peer fails the job after this")
     nonfinite_loss: Literal["stop", "skip"] = opt(
@@ -157,16 +169,18 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     model: Any = field(default_factory=ImageModelConfig)
     data: Any = field(default_factory=ImageDataConfig)
 
 
-SECTIONS = ("optim", "ddp", "fsdp", "model", "data")
+SECTIONS = ("optim", "ddp", "fsdp", "profile", "model", "data")
 
 
 def section_types(workload: str) -> dict[str, type]:
     model_t, data_t = WORKLOAD_SECTIONS[workload]
-    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "model": model_t, "data": data_t}
+    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "profile": ProfileConfig, "model": model_t,
+            "data": data_t}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +358,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
     if cfg.timeout_s <= 0:
         raise ConfigError(f"config key 'timeout_s' must be > 0, got {cfg.timeout_s}")
+    for key, value in {"hang_report_s": cfg.hang_report_s, "peak_tflops": cfg.peak_tflops,
+                       "profile.start_step": cfg.profile.start_step}.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.profile.steps < 1:
+        raise ConfigError(f"config key 'profile.steps' must be >= 1, got {cfg.profile.steps}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     for name in cfg.stop_signals:
@@ -377,7 +397,7 @@ def help_text() -> str:
     """Every key with its type, default and meaning (the body of ``train.py --help``)."""
     lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):", ""]
     lines += _describe(Config, "", skip=SECTIONS)
-    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig)):
+    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig), ("profile", ProfileConfig)):
         lines += ["", f"[{name}]"] + _describe(cls, f"{name}.")
     for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
         lines += ["", f"[model] for workload={workload}"] + _describe(model_t, "model.")

@@ -209,6 +209,12 @@ def _setup_process_group(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv
     # default group that destroy_process_group does not clear, and the group's Gloo threads then
     # outlive cleanup() (see cleanup). Imported first, it holds none.
     import torch._dynamo as _dynamo  # noqa: F401 (binds no local `torch`)
+    if backend == "nccl":  # NCCL's flight recorder: the last collectives of every rank, dumped on a timeout
+        hang_dir = os.path.join(os.path.abspath(cfg.output_dir), "hang")
+        os.makedirs(hang_dir, exist_ok=True)
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(hang_dir, "nccl_trace_rank_"))
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     where = f"the process group at {launch.master_addr}:{launch.master_port} as rank {launch.rank}/{launch.world_size}"
     # torch times out most rendezvous waits itself; a program that accepts the connection on
@@ -307,12 +313,6 @@ def cleanup(env: DistEnv) -> None:
 # Collectives (no-ops outside DDP)
 
 
-def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank when `flag` is True on any rank.
 
@@ -320,6 +320,16 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     the result would make the CPU wait for all queued GPU work every time it is asked.
     """
     return bool(max_over_ranks(int(flag), env))
+
+
+def gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's `values` (the same length everywhere), in rank order, on every rank (host-side)."""
+    if not env.distributed:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(every, mine, group=env.host_group)
+    return [t.tolist() for t in every]
 
 
 def max_over_ranks(value: int, env: DistEnv) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
-from dtrain.dist import (DistEnv, agree_on_failure, all_reduce_sum, barrier, broadcast_object, gather_objects,
+from dtrain.dist import (DistEnv, agree_on_failure, barrier, broadcast_object, gather_floats, gather_objects,
                          max_over_ranks)
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
+from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.strategies import Strategy
@@ -46,6 +47,11 @@ class Trainer:
     logger: RunLogger
     stop: StopRequest
     nonfinite: "NonfiniteWatch"
+    heartbeat: Heartbeat  # where this rank is, for hang reports
+    clock: StepClock = field(default_factory=StepClock)  # this rank's data wait and compute per step
+    timing: TimingWatch | None = None  # every rank's timing -> metrics and straggler warnings
+    profiler: Profiler | None = None
+    flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
 
 
 class NonfiniteWatch:
@@ -77,15 +83,18 @@ def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
     """Train (or only evaluate) as configured; returns the last evaluation metrics."""
     prepare_output_dir(cfg, env)
     stop = StopRequest(cfg.stop_signals, env)  # early, so a signal during set-up is not lost
+    heartbeat = Heartbeat(cfg.output_dir, env, cfg.hang_report_s).start()
     try:
-        trainer = prepare(cfg, env, strategy, stop)
+        trainer = prepare(cfg, env, strategy, stop, heartbeat)
         try:
             if cfg.eval_only:
                 return evaluate_and_log(trainer)
             return fit(trainer)
         finally:
+            trainer.profiler.close()
             trainer.logger.close()
     finally:
+        heartbeat.close()
         stop.restore()
 
 
@@ -120,7 +129,7 @@ def check_writable(folder: Path, rank: int) -> None:
                         "(fix it, or choose another output_dir=...)") from None
 
 
-def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) -> Trainer:
+def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, heartbeat: Heartbeat) -> Trainer:
     # Same seed on every rank for model construction: all ranks start from identical weights.
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
@@ -145,8 +154,26 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) ->
     state = TrainState(world_size=env.world_size)
     state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler) or state
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
-    return Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
-                   steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device))
+    t = Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
+                steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), heartbeat,
+                timing=TimingWatch(cfg.num_workers),
+                profiler=Profiler(cfg.output_dir, env.rank, cfg.profile.start_step, cfg.profile.steps,
+                                  cfg.profile.cuda_memory))
+    t.flops_per_sample = count_flops(t)
+    return t
+
+
+def count_flops(t: Trainer) -> float:
+    """Training FLOPs per sample, from one forward over the first validation samples (0 if not countable)."""
+    samples = min(t.cfg.batch_size, len(t.task.val_set))
+    batch = to_device(t.val_loader.collate_fn([t.task.val_set[i] for i in range(samples)]), t.env.device)
+    try:
+        with autocast_context(t.env.device, t.cfg.precision):
+            return flops_per_sample(t.strategy.eval_model(), t.task.train_loss, batch, samples)
+    except Exception as e:  # noqa: BLE001 - an operator the counter does not know: report, don't fail
+        t.logger.print(f"model FLOPs not counted ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                       "no TFLOP/s in the train records")
+        return 0.0
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -200,9 +227,15 @@ def train_one_epoch(t: Trainer) -> None:
     speed = Throughput()
     autocast = autocast_context(env.device, cfg.precision)
     micro = 0
+    t.heartbeat.enter("data", state.step + 1)  # the step in progress, 1-based
+    t.clock.restart()
     for batch in t.train_loader:
+        t.clock.batch_arrived()
         micro += 1
         last_micro = micro % cfg.grad_accum_steps == 0
+        if micro % cfg.grad_accum_steps == 1 or cfg.grad_accum_steps == 1:
+            t.profiler.before_step(state.step + 1)
+        t.heartbeat.enter("forward/backward")
         batch = to_device(batch, env.device)
         with t.strategy.no_sync(skip=not last_micro):
             with autocast:
@@ -210,12 +243,17 @@ def train_one_epoch(t: Trainer) -> None:
             t.scaler.scale(loss / cfg.grad_accum_steps).backward()
         loss_sum[0] += loss.detach().double() / cfg.grad_accum_steps
         if not last_micro:
+            t.clock.micro_step_done()
+            t.heartbeat.enter("data")
             continue
+        t.heartbeat.enter("optimizer")
         optimizer_step(t)
         loss_sum[1] += 1
         state.step += 1
         state.samples_in_epoch += samples_per_step
         speed.samples += samples_per_step
+        t.clock.step_done()
+        t.profiler.after_step(state.step)
         t.logger.step_done()
         log_step = state.step % cfg.log_every == 0
         if log_step or not t.nonfinite.deferred:
@@ -229,6 +267,8 @@ def train_one_epoch(t: Trainer) -> None:
             stop_after_save(t)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             save(t, None)
+            t.clock.restart()  # the save is not data wait
+        t.heartbeat.enter("data", state.step + 1)
     else:  # the epoch ran to its end
         state.epoch += 1
         state.samples_in_epoch = 0
@@ -276,16 +316,26 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def log_train(t: Trainer, loss_sum: torch.Tensor, speed: Throughput) -> None:
-    """Global mean loss over the window (one small all-reduce, only at log steps)."""
-    reduced = all_reduce_sum(loss_sum.clone(), t.env)  # (sum of losses, count) over ranks and steps
-    t.logger.record({
+    """The window's global mean loss and every rank's timing: one small all-gather, only at log steps."""
+    rows = gather_floats([*loss_sum.tolist(), *t.clock.take_window()], t.env)  # per rank: loss sum, steps, timing
+    timing, warnings = t.timing.record([row[2:] for row in rows])
+    rate = speed.rate()
+    record = {
         "kind": "train",
         "epoch": t.state.epoch,
         "step": t.state.step,
-        "loss": reduced[0].item() / max(reduced[1].item(), 1.0),
+        "loss": sum(row[0] for row in rows) / max(sum(row[1] for row in rows), 1.0),
         "lr": t.optimizer.param_groups[0]["lr"],
-        "samples_per_sec": speed.rate(),
-    }, t.state.step)
+        "samples_per_sec": rate,
+        **timing,
+    }
+    if t.flops_per_sample:  # achieved per device: what MFU compares with the device's peak
+        record["tflops_per_device"] = t.flops_per_sample * rate / t.env.world_size / 1e12
+        if t.cfg.peak_tflops:
+            record["mfu"] = record["tflops_per_device"] / t.cfg.peak_tflops
+    t.logger.record(record, t.state.step)
+    for warning in warnings:
+        t.logger.print(warning)
     loss_sum.zero_()
     speed.reset()
 
@@ -312,6 +362,7 @@ def log_memory(t: Trainer) -> None:
 @torch.no_grad()
 def evaluate(t: Trainer) -> dict[str, float]:
     """Exact metrics over the whole validation set, whatever the world size."""
+    t.heartbeat.enter("evaluation")
     model = t.strategy.eval_model()
     model.eval()
     autocast = autocast_context(t.env.device, t.cfg.precision)
@@ -325,6 +376,7 @@ def evaluate(t: Trainer) -> dict[str, float]:
         batch = to_device(next(loader) if i < mine else padding_batch(t), t.env.device)
         with autocast:
             sums = t.task.eval_sums(model, batch)
+        t.heartbeat.tick()
         if i >= mine:
             continue
         for key, value in sums.items():  # accumulate on the device: no host sync per batch
@@ -357,6 +409,7 @@ def save(t: Trainer, accuracy: float | None) -> None:
     """All ranks call this. Rank 0 writes one file, or (sharded) every rank writes its part; nobody
     runs ahead (or exits) until the checkpoint is in place, and a failure anywhere stops every rank."""
     t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
+    t.heartbeat.enter("checkpoint")
     state, env = t.state, t.env
     is_best = accuracy is not None and accuracy > state.best_accuracy
     if is_best:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,8 +73,14 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         kind = record["kind"]
         for key, value in record.items():
-            if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
+            if key in ("kind", "epoch", "step"):
+                continue
+            if isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
+            elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                # one value per rank: the spread, which stays three curves at any world size
+                for name, stat in (("min", min(value)), ("median", statistics.median(value)), ("max", max(value))):
+                    self.tb.add_scalar(f"{kind}/{key}/{name}", stat, step)
         self.print(_format(record))
 
     def print(self, line: str) -> None:
@@ -98,8 +105,11 @@ def _format(record: dict[str, Any]) -> str:
     for key, value in record.items():
         if key == "kind" or isinstance(value, dict):
             continue
-        if isinstance(value, list):
+        if isinstance(value, list) and len(value) <= 4:  # one value per rank
             parts.append(f"{key} {'/'.join(f'{v:g}' for v in value)}")
+            continue
+        if isinstance(value, list):  # many ranks: the range
+            parts.append(f"{key} {min(value):g}..{max(value):g}")
             continue
         parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " ".join(parts)
