@@ -132,4 +132,5 @@ def test_loop_reshuffles_each_epoch_and_evaluates_every_sample(tmp_path, monkeyp
     epochs = [train.seen[:12], train.seen[12:24]]
     assert len(train.seen) == 24 and all(sorted(e) == list(range(12)) for e in epochs)
     assert epochs[0] != epochs[1]  # set_epoch reached the sampler
-    assert metrics["samples"] == 5 and sorted(val.seen) == sorted([0, 1, 2, 3, 4] * 2)  # two evaluations, all samples
+    # two evaluations of all samples, and the FLOP count's one batch (the first batch_size samples) at the start
+    assert metrics["samples"] == 5 and sorted(val.seen) == sorted([0, 1, 2, 3, 4] * 2 + [0, 1, 2, 3])
