@@ -393,28 +393,65 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def help_text() -> str:
-    """Every key with its type, default and meaning (the body of ``train.py --help``)."""
-    lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):", ""]
-    lines += _describe(Config, "", skip=SECTIONS)
-    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig), ("profile", ProfileConfig)):
-        lines += ["", f"[{name}]"] + _describe(cls, f"{name}.")
+def key_groups() -> list[tuple[str, str, type]]:
+    """(title, key prefix, dataclass) of every group of keys, in the order --help and the docs list them."""
+    groups = [("top level", "", Config)]
+    groups += [(f"[{name}]", f"{name}.", cls) for name, cls in section_types("image").items()
+               if name not in ("model", "data")]
     for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
-        lines += ["", f"[model] for workload={workload}"] + _describe(model_t, "model.")
-        lines += ["", f"[data] for workload={workload}"] + _describe(data_t, "data.")
-    return "\n".join(lines)
+        groups += [(f"[model] for workload={workload}", "model.", model_t),
+                   (f"[data] for workload={workload}", "data.", data_t)]
+    return groups
 
 
-def _describe(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+def keys_of(cls: type, prefix: str) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) of a group's keys (a section itself is not a key)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if cls is Config and f.name in SECTIONS:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(f"  {prefix + f.name:<28} {_type_name(hints[f.name]):<26} default={default!r}")
-        out.append(f"      {f.metadata.get('help', '')}")
+        out.append((prefix + f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
     return out
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning (the body of ``train.py --help``)."""
+    lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):"]
+    for title, prefix, cls in key_groups():
+        lines += ["", title] if prefix else [""]
+        for key, type_name, default, help in keys_of(cls, prefix):
+            lines += [f"  {key:<28} {type_name:<26} default={default!r}", f"      {help}"]
+    return "\n".join(lines)
+
+
+MARKDOWN_INTRO = """\
+# Configuration
+
+Every key, with its type, default and meaning. This page is generated from the config dataclasses'
+own help texts (`src/dtrain/config.py`) by `python -m dtrain.config --markdown > docs/configuration.md`;
+a test fails when it is stale. `python train.py --help` prints the same.
+
+Keys are set in a YAML preset (`--config configs/...yaml`; sections as nested mappings) and
+overridden on the command line as `key=value` (nested keys dotted: `optim.lr=0.05`); the command line
+wins. The config is closed: an unknown key, a value of the wrong type or out of range is one
+`error:` line naming the key, exit code 2. Lists are written `a,b` or `[a, b]`. The `model` and
+`data` sections depend on `workload`. The resolved config is saved as `<output_dir>/config.yaml`.
+"""
+
+
+def markdown() -> str:
+    """docs/configuration.md: one table per group of keys."""
+    lines = [MARKDOWN_INTRO]
+    for title, prefix, cls in key_groups():
+        lines += [f"## {title.strip('[]') if prefix else 'Top level'}", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for key, type_name, default, help in keys_of(cls, prefix):
+            cell = type_name.replace("|", " \\| ")
+            lines.append(f"| `{key}` | {cell} | `{default!r}` | {help.replace('|', chr(92) + '|')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _type_name(typ: Any) -> str:
@@ -423,3 +460,11 @@ def _type_name(typ: Any) -> str:
     if typing.get_origin(typ) is list:
         return f"list[{typing.get_args(typ)[0].__name__}]"
     return typ.__name__
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m dtrain.config --markdown > docs/configuration.md")
+    print(markdown(), end="")
