@@ -4,6 +4,7 @@
     python train.py --config configs/image/mnist_demo.yaml mode=dp               # all local GPUs, one process
     torchrun --standalone --nproc_per_node=2 train.py --config configs/image/mnist_demo.yaml   # DDP
     srun python train.py --config ...                                            # DDP under SLURM
+    python train.py --config configs/image/mnist_demo.yaml nproc=2               # DDP, workers started here
 
 Only the launch command changes; dtrain.dist reads it from the environment.
 """
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
 from dtrain.errors import StopTraining, UserError  # noqa: E402
+from dtrain.launcher import hand_back, launch_from_command_line  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.nproc:  # this process only starts the workers: each runs this file with nproc=0
+            return launch_from_command_line(cfg, os.path.abspath(__file__), args.config, args.overrides)
         from dtrain import dist  # torch is imported only once the command line is known to be good
         from dtrain.loop import run
 
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run(cfg, env)
         if env.is_main:
             print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}; outputs in {cfg.output_dir}")
+            hand_back(metrics=metrics)  # to the process that started this worker with nproc=, if one did
         return 0
     except BaseException as error:
         if threading.current_thread() is threading.main_thread():
@@ -113,6 +118,7 @@ def exit_process(code: int) -> NoReturn:
     """
     # A DataLoader's SIGCHLD handler raises in this thread when one of its workers dies, also while we exit.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    hand_back(exit_code=code)  # to the process that started this worker with nproc=, if one did
     gc.collect()  # DataLoader iterators shut their worker processes down when collected
     logging.shutdown()
     sys.stdout.flush()
