@@ -27,7 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
 from dtrain.errors import StopTraining, UserError  # noqa: E402
-from dtrain.launcher import hand_back, launch_from_command_line  # noqa: E402
+from dtrain.launcher import hand_back, launch_from_command_line, stop_if_launcher_dies  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.nproc:  # this process only starts the workers: each runs this file with nproc=0
             return launch_from_command_line(cfg, os.path.abspath(__file__), args.config, args.overrides)
+        stop_if_launcher_dies(cfg.stop_signals)  # a worker started by nproc=: saves and stops if orphaned
         from dtrain import dist  # torch is imported only once the command line is known to be good
         from dtrain.loop import run
 

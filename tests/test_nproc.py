@@ -174,6 +174,27 @@ def test_a_worker_killed_ends_the_job_within_timeout_s_with_one_line(tmp_path):
     assert_one_clear_error(done, f"rank 1 (pid {worker.pid}) was killed by SIGKILL", "the other workers were stopped")
 
 
+def test_workers_of_a_launcher_killed_with_sigkill_save_at_one_step_and_stop(tmp_path):
+    """Nothing can forward a SIGKILL: each worker notices it lost its launcher and sends itself a stop signal."""
+    import psutil
+
+    out = tmp_path / "run"
+    launcher = start([*LONG, f"output_dir={out}", "nproc=2"])
+    wait_until(lambda: logged_steps(out) >= 2, launcher, what="2 logged steps")
+    workers = psutil.Process(launcher.pid).children()
+    assert len(workers) == 2, workers
+    launcher.kill()  # the launcher alone: its workers run in sessions of their own
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    for worker in alive:  # orphans in sessions of their own: nothing else would end them
+        worker.kill()
+    stdout = finish([launcher], timeout=30)[0].stdout  # the workers held the same pipe: read to its end
+    assert not alive, stdout
+    for rank in (0, 1):
+        assert stdout.count(f"received SIGTERM (rank {rank})") == 1, stdout
+    stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
+
+
 def test_max_restarts_restarts_the_workers_and_the_run_ends_as_if_never_killed(reference, tmp_path):
     out = tmp_path / "run"
     launcher = start([*EXACT, f"output_dir={out}", "nproc=2", "max_restarts=1"])

@@ -13,6 +13,7 @@ a finished Gloo run from aborting at interpreter exit. What this module adds to 
 - the outcome after a signal: the agent forwards it once to every worker, waits for them and raises
   SignalException without their exit codes, so rank 0 leaves its exit code in a file (hand_back);
 - rank 0's final metrics, handed back the same way, for ``dtrain.train``;
+- workers whose launcher was killed (SIGKILL) stop and save instead of training on as orphans;
 - the caller's signal handlers, environment and log settings restored afterwards.
 """
 
@@ -27,6 +28,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +83,7 @@ def launch(cfg: Config, script: str, args: list[str], stream_to_caller: bool = F
 
     forwarded = sorted(set(FORWARDED_SIGNALS) | set(cfg.stop_signals))
     with tempfile.TemporaryDirectory(prefix="dtrain_nproc_") as tmp, _worker_environment(cfg.nproc, tmp), \
-            _quiet_agent_logs(), _signal_handlers_restored(forwarded):
+            _quiet_agent_logs():
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()), role="default",
             rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # --standalone: a store on a port the OS picks
@@ -95,7 +97,8 @@ def launch(cfg: Config, script: str, args: list[str], stream_to_caller: bool = F
             log_line_prefix_template="[rank${rank}]: " if stream_to_caller else None,
         )
         try:
-            elastic_launch(config, sys.executable)("-u", script, *args)
+            with _signal_handlers_restored(forwarded):  # before the outcome is read: a third signal ends this process
+                elastic_launch(config, sys.executable)("-u", script, *args)
         except ChildFailedError as error:
             outcome = _failed(error, cfg)
             outcome.worker_error = _worker_error_line(tmp)
@@ -107,9 +110,14 @@ def launch(cfg: Config, script: str, args: list[str], stream_to_caller: bool = F
 
 def _failed(error, cfg: Config) -> Outcome:
     """A worker exited non-zero (with no restart left) and the agent stopped the others."""
-    # The first to fail; within the agent's one-second timestamps, one killed by a signal before one
-    # that exited because it lost that peer.
-    rank, failure = min(error.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode >= 0, item[0]))
+    # The first to fail. Failures are listed as the agent saw them: those it found, then those it caused by
+    # stopping the rest (SIGTERM). Its timestamps are whole seconds: within one, a worker killed by another
+    # signal (SIGKILL, SIGSEGV...) comes before one that exited because it lost that peer.
+    def order(item):
+        code = item[1].exitcode
+        return item[1].timestamp, not (code < 0 and code != -signal.SIGTERM)
+
+    rank, failure = min(error.failures.items(), key=order)  # the first of equals in the agent's order
     if failure.exitcode > 0:  # it left through train.py's exit path, which printed its error (or stop) line
         return Outcome(failure.exitcode)
     restarts = f" (no restart left of max_restarts={cfg.max_restarts})" if cfg.max_restarts else ""
@@ -145,6 +153,26 @@ def hand_back(**outcome: Any) -> None:
             path.with_suffix(".tmp").replace(path)
         except Exception:  # best effort, on the way out: the launcher may be gone
             pass
+
+
+def stop_if_launcher_dies(stop_signals: list[str]) -> None:
+    """In a worker started by nproc=: if the launching process dies without a word (SIGKILL, the OOM
+    killer), send this worker a stop signal, as the launcher would have: it saves and exits 3.
+
+    Workers run in sessions of their own (as under torchrun), so nothing else would reach them, and
+    they would train on without their launcher. Elsewhere this does nothing.
+    """
+    if OUTCOME_DIR not in os.environ:
+        return
+    launcher_pid = os.getppid()
+    signum = getattr(signal, stop_signals[0]) if stop_signals else signal.SIGTERM
+
+    def watch() -> None:
+        while os.getppid() == launcher_pid:  # an orphan is adopted by init or a subreaper
+            time.sleep(1.0)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=watch, name="dtrain-launcher-watch", daemon=True).start()
 
 
 def _handed_back(tmp: str, key: str) -> Any:
