@@ -189,8 +189,9 @@ def test_workers_of_a_launcher_killed_with_sigkill_save_at_one_step_and_stop(tmp
         worker.kill()
     stdout = finish([launcher], timeout=30)[0].stdout  # the workers held the same pipe: read to its end
     assert not alive, stdout
-    for rank in (0, 1):
-        assert stdout.count(f"received SIGTERM (rank {rank})") == 1, stdout
+    # Each notices within a second; the first to do so may already have stopped them both.
+    assert all(stdout.count(f"received SIGTERM (rank {rank})") <= 1 for rank in (0, 1)), stdout
+    assert "received SIGTERM" in stdout and stdout.count("stopped at step ") == 1, stdout
     stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
 
