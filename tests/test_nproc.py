@@ -86,9 +86,9 @@ def test_workers_get_what_torchrun_gives_them(tmp_path):
 API_SCRIPT = """
 import io, json, os, signal, sys
 import dtrain
-from dtrain.errors import TrainingFailed
+from dtrain import TrainingFailed
 
-good, bad = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+good, bad, here = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 environ = dict(os.environ)
 out, err = io.StringIO(), io.StringIO()  # as a notebook's cell output: not the process's stdout/stderr
@@ -99,10 +99,14 @@ try:
     failure = None
 except TrainingFailed as e:
     failure = [str(e), e.exit_code]
+environ_restored = environ == dict(os.environ)
+in_process = dtrain.train(None, here, nproc=0)  # in this process, as `python train.py` without nproc
 sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 print(json.dumps({"metrics": metrics, "failure": failure, "out": out.getvalue(), "err": err.getvalue(),
+                  "in_process": in_process,
                   "handlers_restored": handlers == {s: signal.getsignal(s) for s in handlers},
-                  "environ_restored": environ == dict(os.environ)}))
+                  "environ_restored": environ_restored and all(
+                      os.environ.get(k) == environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}))
 """
 
 
@@ -110,7 +114,9 @@ def test_python_entry_point_returns_the_same_metrics_and_raises_on_failure(refer
     good = {**dict(word.split("=", 1) for word in EXACT), "output_dir": str(tmp_path / "run"),
             "deterministic": True, "threads": 1}  # typed values as well as strings
     bad = [*FAST, "data.root=/nonexistent/images", f"output_dir={tmp_path / 'bad'}"]
-    proc = run_bounded([sys.executable, "-c", API_SCRIPT, json.dumps(good), json.dumps(bad)], 360, subprocess_env())
+    here = [*FAST, "data.synthetic=true", "data.synthetic_train_size=16", "data.synthetic_val_size=4",
+            f"output_dir={tmp_path / 'here'}"]
+    proc = run_bounded([sys.executable, "-c", API_SCRIPT, *map(json.dumps, (good, bad, here))], 360, subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["metrics"] == final_eval(reference)
@@ -119,6 +125,8 @@ def test_python_entry_point_returns_the_same_metrics_and_raises_on_failure(refer
     message, code = result["failure"]
     assert code == 1 and message.startswith("data.root '/nonexistent/images' has no train/ folder"), message
     assert len([line for line in result["err"].splitlines() if "error" in line and "/nonexistent" in line]) == 1
+    assert result["in_process"] == final_eval(tmp_path / "here") and result["in_process"]["samples"] == 4
+    assert torch.load(tmp_path / "here/checkpoints/last.pt", weights_only=True)["state"]["world_size"] == 1
     assert result["handlers_restored"] and result["environ_restored"]
 
 

@@ -5,5 +5,6 @@
 """
 
 from dtrain.api import train
+from dtrain.errors import ConfigError, StopTraining, TrainingFailed, UserError
 
-__all__ = ["train"]
+__all__ = ["ConfigError", "StopTraining", "TrainingFailed", "UserError", "train"]
