@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, ROOT, TRAIN, assert_one_clear_error, error_lines, finish, logged_steps, read_metrics,
+from conftest import (FAST, assert_one_clear_error, error_lines, finish, logged_steps, read_metrics,
                       run_bounded, run_torchrun, run_train, start, start_ranks, subprocess_env, wait_until,
                       worker_with_local_rank, write_image_folder)
 from test_fault_tolerance import assert_same_run

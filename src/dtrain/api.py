@@ -24,8 +24,8 @@ def train(config: str | os.PathLike | None = None, overrides: Sequence[str] | Ma
     process's stdout/stderr; 0 runs in this process; None (default) takes ``nproc`` from the config.
 
     Raises ConfigError (a bad config, nothing started), TrainingFailed (a worker failed: its error
-    line, also printed above with the rest of its output), StopTraining (a stop signal: every rank saved at the same step,
-    ``resume=auto`` continues) or KeyboardInterrupt.
+    line, also printed above with the rest of its output), StopTraining (a stop signal: every rank
+    saved at the same step, ``resume=auto`` continues) or KeyboardInterrupt.
     """
     words = override_words(overrides) + ([] if nproc is None else [f"nproc={nproc}"])
     config_path = None if config is None else os.fspath(config)

@@ -176,7 +176,7 @@ def stop_if_launcher_dies(stop_signals: list[str]) -> None:
 
 
 def _handed_back(tmp: str, key: str) -> Any:
-    """What rank 0 of the last round left under `key`, or None. The agent makes logs/<run>/attempt_<round>/ per round."""
+    """What rank 0 of the last round left under `key`, or None (the agent makes logs/<run>/attempt_<round>/)."""
     rounds = [int(p.name.split("_")[-1]) for p in Path(tmp, "logs").glob("*/attempt_*")]
     path = Path(tmp, f"{key}.{max(rounds, default=0)}.json")
     return json.loads(path.read_text()) if path.exists() else None
