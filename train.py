@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=2 train.py --config configs/image/mnist_demo.yaml   # DDP
     torchrun --standalone --nproc_per_node=2 train.py --config ... mode=fsdp     # sharded (FSDP2)
     srun python train.py --config ...                                            # DDP under SLURM
+    python train.py --config configs/image/mnist_demo.yaml nproc=2               # DDP, workers started here
 
 Only the launch command changes; dtrain.dist reads it from the environment, dtrain.strategies
 holds what each mode does with the model.
@@ -29,6 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
 from dtrain.errors import StopTraining, UserError  # noqa: E402
+from dtrain.launcher import hand_back, launch_from_command_line, stop_if_launcher_dies  # noqa: E402
 
 
 REPORT_GRACE_S = 3.0
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = env = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.nproc:  # this process only starts the workers: each runs this file with nproc=0
+            return launch_from_command_line(cfg, os.path.abspath(__file__), args.config, args.overrides)
+        stop_if_launcher_dies(cfg.stop_signals)  # a worker started by nproc=: saves and stops if orphaned
         from dtrain import dist  # torch is imported only once the command line is known to be good
         from dtrain.loop import run
         from dtrain.strategies import build_strategy
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run(cfg, env, build_strategy(cfg, env))
         if env.is_main:
             print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}; outputs in {cfg.output_dir}")
+            hand_back(metrics=metrics)  # to the process that started this worker with nproc=, if one did
         return 0
     except BaseException as error:
         if threading.current_thread() is threading.main_thread():
@@ -138,6 +144,7 @@ def exit_process(code: int) -> NoReturn:
     """
     # A DataLoader's SIGCHLD handler raises in this thread when one of its workers dies, also while we exit.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    hand_back(exit_code=code)  # to the process that started this worker with nproc=, if one did
     gc.collect()  # DataLoader iterators shut their worker processes down when collected
     logging.shutdown()
     sys.stdout.flush()

@@ -166,6 +166,9 @@ class Config:
     stop_signals: list[str] = opt(["SIGTERM", "SIGUSR1"],
                                   "signals that make all ranks stop at the same step, save, and exit with code 3")
     requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`")
+    nproc: int = opt(0, "start N local DDP workers from plain `python train.py`, as torchrun --standalone "
+                        "--nproc_per_node=N would (0 = off)")
+    max_restarts: int = opt(0, "with nproc: restart all workers up to N times when one fails (torchrun's --max-restarts)")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -352,7 +355,8 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
     non_negative = {"max_steps": cfg.max_steps, "eval_batch_size": cfg.eval_batch_size, "num_workers": cfg.num_workers,
-                    "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every, "keep_last": cfg.keep_last}
+                    "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every, "keep_last": cfg.keep_last,
+                    "nproc": cfg.nproc, "max_restarts": cfg.max_restarts}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
@@ -369,6 +373,12 @@ def validate(cfg: Config) -> None:
     for name in cfg.stop_signals:
         if not isinstance(getattr(signal, name, None), signal.Signals):
             raise ConfigError(f"config key 'stop_signals': {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    if cfg.max_restarts and not cfg.nproc:
+        raise ConfigError("max_restarts restarts the workers that nproc=N starts: add nproc=N "
+                          "(under torchrun use its --max-restarts)")
+    if cfg.nproc and cfg.mode == "dp":
+        raise ConfigError("mode=dp is one process driving all local GPUs; nproc=N starts N DDP workers: "
+                          "drop one of them")
     if cfg.eval_only and not cfg.resume:
         raise ConfigError("eval_only=true needs a checkpoint: add resume=auto or resume=PATH")
 

@@ -173,8 +173,8 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
     launch = read_launch(environ)
     use_cuda = cfg.mode != "cpu" and torch.cuda.is_available()
     if cfg.mode in ("ddp", "fsdp") and launch is None:
-        raise UserError(f"mode={cfg.mode} needs a launcher: torchrun --nproc_per_node=N train.py ... or srun "
-                        "(or use mode=auto to run in one process)")
+        raise UserError(f"mode={cfg.mode} needs a launcher: add nproc=N, or torchrun --nproc_per_node=N train.py ..., "
+                        "or srun (or use mode=auto to run in one process)")
     if cfg.mode == "dp" and launch is not None and launch.world_size > 1:
         raise UserError("mode=dp is one process driving all local GPUs; launch it with python, not torchrun/srun "
                         "(or use mode=ddp)")
