@@ -70,11 +70,12 @@ def _train_here(cfg) -> dict[str, float]:
     """One process, as ``python train.py`` (DataParallel with several GPUs), but exceptions instead of exit codes."""
     from dtrain import dist
     from dtrain.loop import run
+    from dtrain.strategies import build_strategy
 
     with _offline():
         env = dist.setup(cfg)
         try:
-            return run(cfg, env)
+            return run(cfg, env, build_strategy(cfg, env))
         finally:
             dist.cleanup(env)
 
