@@ -19,7 +19,7 @@ from dtrain.data import ResumableSampler, make_loaders, to_device
 from dtrain.dist import DistEnv, all_reduce_sum, barrier, gather_objects, grads_to_none, no_sync, wrap
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
-from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.optim import build_optimizer, build_scheduler, load_optimizer_state
 from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.workloads import Task, build_task
 
@@ -107,9 +107,10 @@ def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
     raw_model = task.model.to(env.device)
-    optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
+    optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay,
+                                say=lambda msg: print(msg, flush=True) if env.is_main else None)
     train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                                     task.random_samples)
+                                                     task.random_samples, task.lengths)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
@@ -125,7 +126,7 @@ def prepare(cfg: Config, env: DistEnv, stop: StopRequest) -> Trainer:
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, task, raw_model, optimizer, scheduler, scaler) or state
+    state = restore(cfg, env, task, raw_model, optimizer, scheduler, scaler, sampler) or state
     if cfg.compile:
         raw_for_wrap = torch.compile(raw_model)
     else:
@@ -355,7 +356,7 @@ def save(t: Trainer, accuracy: float | None) -> None:
 
 
 def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimizer, scheduler,
-            scaler) -> TrainState | None:
+            scaler, sampler: ResumableSampler) -> TrainState | None:
     """Load the checkpoint named by cfg.resume into the plain model and the optimizer state."""
     found = ckpt.load_latest(ckpt.resume_candidates(cfg.resume, cfg.output_dir),
                              warn=lambda msg: print(msg, flush=True) if env.is_main else None)
@@ -364,7 +365,7 @@ def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimiz
     path, data = found
     ckpt.check_identity(data, task.identity, path)
     raw_model.load_state_dict(data["model"])
-    optimizer.load_state_dict(data["optimizer"])
+    load_optimizer_state(optimizer, data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     scaler.load_state_dict(data["scaler"])
     state = TrainState(**data["state"])
@@ -373,6 +374,9 @@ def restore(cfg: Config, env: DistEnv, task: Task, raw_model: nn.Module, optimiz
     elif state.samples_in_epoch % env.world_size:
         raise UserError(f"checkpoint {path} stopped mid-epoch after {state.samples_in_epoch} samples, which "
                         f"{env.world_size} processes cannot split evenly; resume with {state.world_size} processes")
+    problem = sampler.resume_problem(state.world_size, data["config"]["batch_size"])
+    if state.samples_in_epoch and problem:
+        raise UserError(f"checkpoint {path} stopped mid-epoch: {problem}")
     if env.is_main:
         print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
     return state
