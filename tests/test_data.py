@@ -196,6 +196,10 @@ def test_grouped_order_depends_on_seed_and_epoch_and_reshuffles_batches():
     again = grouped(400, 0, 1, 8)
     again.start_epoch(1)
     assert sum(set(b) in first for b in batches_of(again, 8)) < len(first) / 2  # new batches, not a new batch order
+    # Batches are shuffled, not served in length order megabatch by megabatch (that would be mostly ascents).
+    lengths = lengths_of(400)
+    longest = [max(lengths[i] for i in b) for b in batches_of(grouped(400, 0, 1, 8, lengths=lengths), 8)]
+    assert sum(b > a for a, b in zip(longest, longest[1:])) < 0.7 * (len(longest) - 1)
 
 
 def test_grouped_skip_resumes_mid_epoch_exactly():
