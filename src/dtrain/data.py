@@ -3,8 +3,9 @@
 Training always uses a DistributedSampler (world size 1 outside DDP), so one process at batch B
 and N processes at batch B/N see the same samples in the same steps. Each training sample is
 drawn under its own seed (epoch, index), so random augmentation does not depend on the rank,
-the number of workers or where a run was resumed. Evaluation shards the validation set without
-padding, so every sample is counted exactly once.
+the number of workers or where a run was resumed. Given the samples' lengths (tokenized text),
+training batches group samples of similar length (LengthGroupedSampler). Evaluation shards the
+validation set without padding, so every sample is counted exactly once.
 """
 
 from __future__ import annotations

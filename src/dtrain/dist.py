@@ -230,7 +230,7 @@ def _rendezvous(launch: Launch, timeout: datetime.timedelta, environ: Mapping[st
     return {"store": dist.PrefixStore(f"dtrain/restart_{restart}/", store)}
 
 
-# torch reads both at start-up, MKL_NUM_THREADS first; so does the rule below.
+# torch reads both at start-up and MKL_NUM_THREADS wins when both are set; so does the rule below.
 THREAD_VARIABLES = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
 
