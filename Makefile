@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   build .venv if missing, write the MNIST demo data, train it with 2 DDP processes
 #   make test   same .venv, run the test suite
-#   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews with 2 DDP processes (~12 min on 2 cores)
+#   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews with 2 DDP processes (~4-6 min on 2 cores)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
