@@ -49,7 +49,7 @@ clean:
 	rm -rf runs data .pytest_cache
 
 # CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer
-# (~15 min on 2 cores). BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--device=cuda on a GPU machine.
+# (~23 min on 2 cores). BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--device=cuda on a GPU machine.
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)
