@@ -42,7 +42,8 @@ class OptimConfig:
     gamma: float = opt(0.1, "schedule=step: decay factor")
     min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
-    fused: bool = opt(False, "fused optimizer step: one kernel over all parameters (faster on GPUs and on CPUs)")
+    fused: bool = opt(True, "fused optimizer step (one kernel over all parameters) where the device and dtype have "
+                            "it, else torch's default, said once; false = torch's default (for-loop on CPUs)")
 
 
 @dataclass
@@ -100,6 +101,8 @@ class BertDataConfig:
     drop_labels: list[str] = opt([], "drop rows whose label (multi_label: any label) is one of these")
     max_train_samples: int = opt(0, "use only N training rows, chosen by a seeded shuffle (0 = all)")
     cache_dir: str = opt("", "datasets cache for the parsed and tokenized files ('' = HF_DATASETS_CACHE or ~/.cache)")
+    group_by_length: bool = opt(True, "training batches of similar token counts (less padding), shuffled batch by "
+                                      "batch; false = uniformly random batches")
 
 
 @dataclass
@@ -153,7 +156,8 @@ class Config:
     checkpoint_every: int = opt(0, "also save last.pt every N optimizer steps, mid-epoch (0 = each epoch only)")
     keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt")
     num_workers: int = opt(2, "DataLoader worker processes per rank")
-    threads: int = opt(0, "torch intra-op threads per process (0 = CPU cores / processes on this node)")
+    threads: int = opt(0, "torch intra-op threads per process (0 = OMP_NUM_THREADS / MKL_NUM_THREADS if set, "
+                          "else CPU cores / processes on this node)")
     log_every: int = opt(20, "log train metrics every N optimizer steps")
     hang_report_s: float = opt(120.0, "a rank that made no progress for this long reports which ranks are silent or "
                                       "elsewhere, and every live rank writes its stacks to <output_dir>/hang/ (0 = off)")

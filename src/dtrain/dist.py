@@ -186,7 +186,10 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
         if cfg.mode == "dp":
             print("mode=dp: fewer than 2 GPUs visible, running on one device", flush=True)
         env = DistEnv(mode="single", device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
-    torch.set_num_threads(threads_per_process(cfg.threads, env.local_world_size))
+    threads, source = threads_per_process(cfg.threads, env.local_world_size, environ)
+    torch.set_num_threads(threads)
+    if env.is_main:
+        print(f"threads: {threads} per process ({source})", flush=True)
     return env
 
 
@@ -277,12 +280,31 @@ def _rendezvous(launch: Launch, timeout: datetime.timedelta, environ: Mapping[st
     return {"store": dist.PrefixStore(f"dtrain/restart_{restart}/", store)}
 
 
-def threads_per_process(requested: int, local_world_size: int) -> int:
-    """Share this node's cores among its processes so they do not oversubscribe."""
+# torch reads both at start-up and MKL_NUM_THREADS wins when both are set; so does the rule below.
+THREAD_VARIABLES = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def threads_per_process(requested: int, local_world_size: int,
+                        environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """Intra-op threads for each process, and where the number comes from (for the start-up line).
+
+    threads=N wins. Else a thread variable set by the user or the launcher is honoured: torchrun
+    sets OMP_NUM_THREADS=1 when it is unset and starts several processes, and that counts as the
+    launcher's setting like any other. Else the node's cores are shared among its processes so
+    they do not oversubscribe.
+    """
     if requested > 0:
-        return requested
+        return requested, f"threads={requested}"
+    for name in THREAD_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            count = _int_var(environ, name)
+            if count < 1:
+                raise UserError(f"environment variable {name}={value!r} must be >= 1 (or unset it, or set threads=N)")
+            return count, f"{name}={count} in the environment; threads=N overrides"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    processes = max(1, local_world_size)
+    return max(1, cores // processes), f"{cores} cores / {processes} process{'es' * (processes > 1)} on this node"
 
 
 PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",

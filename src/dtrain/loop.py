@@ -21,7 +21,7 @@ from dtrain.dist import (DistEnv, agree_on_failure, barrier, broadcast_object, g
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
-from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.optim import build_optimizer, build_scheduler, keep_implementation
 from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.strategies import Strategy
 from dtrain.workloads import Task, build_task
@@ -134,9 +134,10 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
     model = strategy.wrap(task.model, task.units(task.model))
-    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay)
+    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay,
+                                say=lambda msg: print(msg, flush=True) if env.is_main else None)
     train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                                     task.random_samples)
+                                                     task.random_samples, task.lengths)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
@@ -152,7 +153,7 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler) or state
+    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, sampler) or state
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
     t = Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
                 steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), heartbeat,
@@ -439,7 +440,7 @@ def save(t: Trainer, accuracy: float | None) -> None:
 
 
 def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler,
-            scaler) -> TrainState | None:
+            scaler, sampler: ResumableSampler) -> TrainState | None:
     """Load the checkpoint named by cfg.resume (either kind, from any mode) into the wrapped model."""
     checkpoint = find_checkpoint(cfg, env)
     if checkpoint is None:
@@ -452,15 +453,17 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
     if checkpoint.sharded:
         tensors, _ = ckpt.split_tensors(*strategy.load_target(optimizer))
         ckpt.load_sharded_tensors(checkpoint, tensors)  # into this rank's own tensors
-        strategy.load_state_dicts(optimizer, *ckpt.join_tensors(tensors, data), whole=False)
+        model_state, optim_state = ckpt.join_tensors(tensors, data)
+        strategy.load_state_dicts(optimizer, model_state, keep_implementation(optimizer, optim_state), whole=False)
     elif data["format_version"] == 1:  # optimizer state by parameter position: only into the same layout
         if strategy.sharded:
             raise UserError(f"checkpoint {path} has the old format 1, which mode=fsdp cannot read: resume it "
                             "once in another mode (its next save has the current format)")
         strategy.raw_model.load_state_dict(data["model"])
-        optimizer.load_state_dict(data["optimizer"])
+        optimizer.load_state_dict(keep_implementation(optimizer, data["optimizer"]))
     else:
-        strategy.load_state_dicts(optimizer, data["model"], data["optimizer"], whole=True)
+        strategy.load_state_dicts(optimizer, data["model"], keep_implementation(optimizer, data["optimizer"]),
+                                  whole=True)
     scheduler.load_state_dict(data["scheduler"])
     scaler.load_state_dict(data["scaler"])
     state = TrainState(**data["state"])
@@ -469,6 +472,9 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
     elif state.samples_in_epoch % env.world_size:
         raise UserError(f"checkpoint {path} stopped mid-epoch after {state.samples_in_epoch} samples, which "
                         f"{env.world_size} processes cannot split evenly; resume with {state.world_size} processes")
+    problem = sampler.resume_problem(state.world_size, data["config"]["batch_size"])
+    if state.samples_in_epoch and problem:
+        raise UserError(f"checkpoint {path} stopped mid-epoch: {problem}")
     if env.is_main:
         print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
     return state

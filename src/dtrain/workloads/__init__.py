@@ -8,7 +8,7 @@ reduced sums into metrics with ``summarize``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,10 @@ class Task:
     units: Callable[[nn.Module], list[nn.Module]] = lambda model: []
     # model-specific parameter grouping hook for the optimizer; None = decay on >=2-d tensors only
     is_no_decay: Callable[[str, nn.Parameter], bool] | None = None
+    # (train, validation) size of every sample, e.g. its token count: training batches are drawn from
+    # samples of similar size and evaluation walks them in size order (data.LengthGroupedSampler);
+    # None = uniformly random batches
+    lengths: tuple[Sequence[int], Sequence[int]] | None = None
 
 
 def build_task(cfg, env) -> Task:
