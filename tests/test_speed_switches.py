@@ -152,13 +152,15 @@ def test_compile_gives_the_same_losses(reference: Path, tmp_path: Path):
 
 
 THREADS_TRAIN = """
-import atexit, os, runpy, sys
+import os, runpy, sys
 import torch
 
-atexit.register(lambda: open(os.environ["REPORT"], "w").write(str(torch.get_num_threads())))
 torch.set_num_threads(3)  # what the process would keep if the project did not set its own count
 sys.argv = [os.environ["TRAIN"], *sys.argv[1:]]
-runpy.run_path(os.environ["TRAIN"], run_name="__main__")
+train = runpy.run_path(os.environ["TRAIN"], run_name="train")
+code = train["main"]()
+open(os.environ["REPORT"], "w").write(str(torch.get_num_threads()))  # train.py's own exit skips atexit
+train["exit_process"](code)
 """
 
 
@@ -230,6 +232,7 @@ def test_resume_keeps_this_runs_optimizer_implementation():
     unfused = build_optimizer(model, cfg.optim)
     model(torch.ones(1, 3)).sum().backward()
     unfused.step()
+    unfused.zero_grad(set_to_none=True)  # as in a process that resumes: no gradients yet
     model_state, optim_state = strategy.state_dicts(unfused)  # what a checkpoint holds
     fused = build_optimizer(model, load_config(None, ["optim.name=adamw"]).optim)
     strategy.load_state_dicts(fused, model_state, keep_implementation(fused, optim_state), whole=True)
