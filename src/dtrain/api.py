@@ -83,15 +83,10 @@ def _train_here(cfg) -> dict[str, float]:
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     """Nothing is fetched from a model hub during the run (as train.py sets it); the caller's values come back after."""
+    from dtrain.launcher import restored_environ
+
     names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    saved = {name: os.environ.get(name) for name in names}
-    for name in names:
-        os.environ.setdefault(name, "1")
-    try:
+    with restored_environ(*names):
+        for name in names:
+            os.environ.setdefault(name, "1")
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -195,11 +195,18 @@ def _worker_error_line(tmp: str) -> str:
 @contextlib.contextmanager
 def _worker_environment(nproc: int, outcome_dir: str) -> Iterator[None]:
     """What the workers inherit besides the agent's variables; the caller's environment is restored after."""
-    names = ("OMP_NUM_THREADS", OUTCOME_DIR, "TORCHELASTIC_SIGNALS_TO_HANDLE")  # the last: set by launch_agent
+    # TORCHELASTIC_SIGNALS_TO_HANDLE is set by the agent's launch_agent
+    with restored_environ("OMP_NUM_THREADS", OUTCOME_DIR, "TORCHELASTIC_SIGNALS_TO_HANDLE"):
+        os.environ[OUTCOME_DIR] = outcome_dir
+        if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
+            os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes share the cores
+        yield
+
+
+@contextlib.contextmanager
+def restored_environ(*names: str) -> Iterator[None]:
+    """The block may set or unset these environment variables; afterwards each is as it was."""
     saved = {name: os.environ.get(name) for name in names}
-    os.environ[OUTCOME_DIR] = outcome_dir
-    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-        os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun: N processes share the cores
     try:
         yield
     finally:
