@@ -21,7 +21,8 @@ def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 13))  # 24 images / batch 4 = 6 steps per epoch
-    assert set(train[0]) == {"kind", "epoch", "step", "loss", "lr", "samples_per_sec"}
+    assert set(train[0]) == {"kind", "epoch", "step", "loss", "lr", "samples_per_sec", "tflops_per_device",
+                             "data_ms", "compute_ms", "step_ms", "step_ms_max", "slowest_rank", "slowest_behind"}
     assert [(e["epoch"], e["samples"]) for e in evals] == [(0, 7), (1, 7)]
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
     memory = [r for r in records if r["kind"] == "memory"]

@@ -30,26 +30,33 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
               {"params": no_decay, "weight_decay": 0.0}]
     fused = None  # torch's default implementation
     if cfg.fused:
-        missing = next((kind for kind in sorted(set((p.device, p.dtype) for p in decay + no_decay), key=str)
-                        if not fused_step_works(cfg.name, *kind)), None)
+        kinds = set((p.device, p.dtype, getattr(p, "device_mesh", None)) for p in decay + no_decay)
+        missing = next((kind for kind in sorted(kinds, key=str) if not fused_step_works(cfg.name, *kind)), None)
         if missing is None:
             fused = True
         else:
-            say(f"optim: no fused {cfg.name} step for {missing[1]} parameters on {missing[0]}; using torch's default "
-                "implementation")
+            sharded = " sharded" if missing[2] is not None else ""
+            say(f"optim: no fused {cfg.name} step for{sharded} {missing[1]} parameters on {missing[0]}; using torch's "
+                "default implementation")
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 @functools.cache
-def fused_step_works(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+def fused_step_works(name: str, device: torch.device, dtype: torch.dtype, mesh=None) -> bool:
     """Whether this torch build steps a fused SGD/AdamW on a parameter of this device and dtype.
 
     torch checks only at the first step (a RuntimeError mid-run), so one step on a one-element
-    parameter finds out before training starts.
+    parameter finds out before training starts. FSDP's parameters are DTensors on `mesh`, whose
+    ops need a sharding rule of their own (torch 2.14 has one for fused AdamW, none for fused SGD);
+    a replicated one-element DTensor asks that without any communication.
     """
-    probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+    probe = torch.zeros(1, device=device, dtype=dtype)
+    if mesh is not None:
+        from torch.distributed.tensor import DTensor, Replicate
+        probe = DTensor.from_local(probe, mesh, [Replicate()], run_check=False)
+    probe.requires_grad_(True)
     probe.grad = torch.zeros_like(probe)
     optimizer = torch.optim.SGD([probe], lr=0.1, momentum=0.9, fused=True) if name == "sgd" else \
         torch.optim.AdamW([probe], lr=0.1, fused=True)
