@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   build .venv if missing, write the MNIST demo data, train it with 2 DDP processes
 #   make test   same .venv, run the test suite
-#   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews with 2 DDP processes (~12 min on 2 cores)
+#   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews with 2 DDP processes (~4-6 min on 2 cores)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -49,7 +49,7 @@ clean:
 	rm -rf runs data .pytest_cache
 
 # CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer
-# (~15 min on 2 cores). BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--device=cuda on a GPU machine.
+# (~23 min on 2 cores). BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--device=cuda on a GPU machine.
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)

@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node=2 train.py --config configs/image/mnist_demo.yaml   # DDP
     torchrun --standalone --nproc_per_node=2 train.py --config ... mode=fsdp     # sharded (FSDP2)
     srun python train.py --config ...                                            # DDP under SLURM
+    python train.py --config configs/image/mnist_demo.yaml nproc=2               # DDP, workers started here
 
 Only the launch command changes; dtrain.dist reads it from the environment, dtrain.strategies
 holds what each mode does with the model.
@@ -29,6 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
 from dtrain.errors import StopTraining, UserError  # noqa: E402
+from dtrain.launcher import hand_back, launch_from_command_line, stop_if_launcher_dies  # noqa: E402
 
 
 REPORT_GRACE_S = 3.0
@@ -47,9 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = None
+    cfg = env = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.nproc:  # this process only starts the workers: each runs this file with nproc=0
+            return launch_from_command_line(cfg, os.path.abspath(__file__), args.config, args.overrides)
+        stop_if_launcher_dies(cfg.stop_signals)  # a worker started by nproc=: saves and stops if orphaned
         from dtrain import dist  # torch is imported only once the command line is known to be good
         from dtrain.loop import run
         from dtrain.strategies import build_strategy
@@ -59,19 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}  # not per-class lists
             print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in numbers.items())}; outputs in {cfg.output_dir}")
+            hand_back(metrics=metrics)  # to the process that started this worker with nproc=, if one did
         return 0
     except BaseException as error:
         if threading.current_thread() is threading.main_thread():
             # A DataLoader whose worker died raises from its SIGCHLD handler again at every later child
             # exit, which would interrupt the report below.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        return exit_code_for(error, env)
+        return exit_code_for(error, cfg, env)
     finally:
         if env is not None:
             dist.cleanup(env)
 
 
-def exit_code_for(error: BaseException, env) -> int:
+def exit_code_for(error: BaseException, cfg, env) -> int:
     """Report how the run ended, in one line where it is not a bug; re-raise bugs (their traceback is the report)."""
     from dtrain.data import worker_failure
 
@@ -91,9 +97,16 @@ def exit_code_for(error: BaseException, env) -> int:
     if isinstance(error, Exception) and env is not None and env.distributed:
         from dtrain import dist
 
-        if dist.is_peer_failure(error):  # another rank failed first and says why; this one lost its peers
+        if dist.is_peer_failure(error):
+            from dtrain.observe import missing_ranks
+
             first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
+            silent = missing_ranks(cfg.output_dir, env)
+            if silent:  # nobody else will say it: the job's one line names who went missing
+                print(f"error [rank {env.rank}]: {silent}; a collective gave up after timeout_s={cfg.timeout_s:g} "
+                      f"({first_line})", file=sys.stderr, flush=True)
+            else:  # another rank failed first and says why; this one only notes that it lost its peers
+                print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
             return 1
     raise error
 
@@ -132,6 +145,7 @@ def exit_process(code: int) -> NoReturn:
     """
     # A DataLoader's SIGCHLD handler raises in this thread when one of its workers dies, also while we exit.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    hand_back(exit_code=code)  # to the process that started this worker with nproc=, if one did
     gc.collect()  # DataLoader iterators shut their worker processes down when collected
     logging.shutdown()
     sys.stdout.flush()

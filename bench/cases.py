@@ -32,6 +32,7 @@ class ImageCase:
     compile: bool = False
     device: str = "cpu"
     num_classes: int = 10
+    fused: bool = True  # fused optimizer step on both sides (the project's default, optim.fused=true)
 
     def project_args(self, out: Path, processes: int = 1) -> list[str]:
         """train.py overrides: one epoch is exactly `steps` optimizer steps on every process."""
@@ -42,6 +43,7 @@ class ImageCase:
             f"epochs={self.epochs}", f"log_every={self.log_every}", f"threads={self.threads}",
             f"num_workers={self.workers}", f"precision={self.precision}", f"channels_last={self.channels_last}",
             f"compile={self.compile}", "optim.name=sgd", "optim.lr=0.1", "optim.weight_decay=1e-4",
+            f"optim.fused={self.fused}",
             "optim.warmup_steps=0", "keep_last=0", "progress=false", f"output_dir={out}",
             "mode=cpu" if self.device == "cpu" else "mode=auto",
         ]
@@ -50,7 +52,8 @@ class ImageCase:
         args = ["image", f"--out={out}", f"--arch={self.arch}", f"--image-size={self.image_size}",
                 f"--num-classes={self.num_classes}", f"--batch={self.batch}", f"--steps={self.steps * self.epochs}",
                 f"--log-every={self.log_every}", f"--threads={self.threads}", f"--workers={self.workers}",
-                f"--device={self.device}", f"--precision={self.precision}", "--lr=0.1", "--weight-decay=1e-4"]
+                f"--device={self.device}", f"--precision={self.precision}", "--lr=0.1", "--weight-decay=1e-4",
+                "--fused" if self.fused else "--no-fused"]
         return args + ["--channels-last"] * self.channels_last + ["--compile"] * self.compile
 
     def label(self) -> str:
@@ -75,6 +78,8 @@ class BertCase:
     lr: float = 5e-5
     weight_decay: float = 0.01
     grad_clip: float = 0.0
+    fused: bool = True  # fused AdamW on both sides (the project's default, optim.fused=true)
+    group_by_length: bool = False  # the hand-written loop draws uniformly random batches
     train_file: str = ""
     val_file: str = ""
     cache_dir: str = ""
@@ -98,7 +103,8 @@ class BertCase:
             f"log_every={self.log_every}", f"threads={self.threads}", f"num_workers={self.workers}",
             f"precision={self.precision}", f"compile={self.compile}", "optim.name=adamw", f"optim.lr={self.lr}",
             f"optim.weight_decay={self.weight_decay}", "optim.warmup_steps=0", "optim.schedule=linear",
-            f"optim.grad_clip={self.grad_clip}", "keep_last=0", "progress=false", f"output_dir={out}",
+            f"optim.grad_clip={self.grad_clip}", f"optim.fused={self.fused}",
+            f"data.group_by_length={self.group_by_length}", "keep_last=0", "progress=false", f"output_dir={out}",
             "mode=cpu" if self.device == "cpu" else "mode=auto",
         ]
 
@@ -107,7 +113,7 @@ class BertCase:
                 f"--cache-dir={self.cache_dir}", f"--max-length={self.max_length}", f"--batch={self.batch}",
                 f"--steps={self.steps}", f"--log-every={self.log_every}", f"--threads={self.threads}",
                 f"--workers={self.workers}", f"--device={self.device}", f"--precision={self.precision}",
-                f"--lr={self.lr}", f"--weight-decay={self.weight_decay}"]
+                f"--lr={self.lr}", f"--weight-decay={self.weight_decay}", "--fused" if self.fused else "--no-fused"]
         return args + ["--random-init"] * self.random_init + ["--compile"] * self.compile
 
     def trainer_args(self, out: Path) -> list[str]:

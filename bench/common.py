@@ -9,6 +9,7 @@ metrics.jsonl file; the first windows (warm-up: allocator, first iterations, com
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -170,29 +171,48 @@ def fmt_summary(s: dict[str, float], digits: int = 1) -> str:
 
 
 def print_table(title: str, headers: list[str], rows: list[list[Any]], note: str = "") -> str:
-    """A plain-text (Markdown-compatible) table, with a note under it; returned too, so scripts can save it."""
+    """A plain-text (Markdown-compatible) table, with a note and the machine stamp under it; returned too, so
+    scripts can save it."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     text = "\n".join([f"\n{title}", line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(line(r) for r in cells)] + ([note] if note else []))
+                      *(line(r) for r in cells)] + ([note] if note else []) + [f"({machine_stamp()})"])
     print(text, flush=True)
     return text
 
 
+# CPU features that decide how fast the CPU runs fp32 / bf16 matrix products.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> tuple[str, str]:
+    """The CPU as `lscpu` names it (Model name), and its family/model numbers and matrix-relevant flags.
+
+    Inside a VM the model name may be generic ("AMD EPYC"); the family/model numbers and the flags
+    still tell the generation (family 25 model 17 is Zen 4).
+    """
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("Model name") or platform.processor() or platform.machine()
+    flags = [f for f in CPU_FLAGS if f in fields.get("Flags", "").split()]
+    details = [f"family {fields['CPU family']} model {fields['Model']}"] if "CPU family" in fields else []
+    return name, ", ".join(details + flags)
+
+
 def machine_info() -> dict[str, Any]:
+    """What a result was measured on; every result JSON and every table carries it."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, features = cpu_model()
     info = {
         "cpu": cpu,
+        "cpu_features": features,
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
@@ -201,7 +221,19 @@ def machine_info() -> dict[str, Any]:
         "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    if importlib.util.find_spec("transformers") is not None:
+        info["transformers"] = importlib.metadata.version("transformers")
     return info
+
+
+def machine_stamp(info: dict[str, Any] | None = None) -> str:
+    """One line for under a table: CPU model, cores, GPU, torch version, date."""
+    info = info or machine_info()
+    gpu = f", {info['gpus']} x {info['gpu']}" if info.get("gpu") else ""
+    extra = f", transformers {info['transformers']}" if info.get("transformers") else ""
+    features = f"; {info['cpu_features']}" if info.get("cpu_features") else ""
+    return (f"machine: {info['cpu']} (lscpu{features}), {info['cores_usable']} cores{gpu}; "
+            f"torch {info['torch']}{extra}; {info['date'][:10]}")
 
 
 def write_json(results_dir: Path, name: str, payload: dict[str, Any]) -> Path:

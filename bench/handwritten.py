@@ -4,9 +4,10 @@
     python bench/handwritten.py bert --out m.jsonl --model-dir DIR --train-file t.csv --max-length 64 ...
 
 Same model (torchvision / the same Hugging Face directory), same data (dtrain's SyntheticImages; the
-same CSV tokenized the same way), same batch, DataLoader settings, optimizer and thread count as the
-project's run it is compared with; none of the project's extras (per-sample seeding, resumable
-sampler, gradient-norm check, LR schedule, logging, checkpoints). Every `log_every` steps it writes
+same CSV tokenized the same way), same batch, DataLoader settings, optimizer implementation (fused by
+default, as the project's) and thread count as the project's run it is compared with; none of the
+project's extras (per-sample seeding, resumable sampler, gradient-norm check, LR schedule, logging,
+checkpoints). Every `log_every` steps it writes
 {"kind": "train", "step", "samples_per_sec"} to --out, like the project's metrics.jsonl.
 """
 
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused optimizer step, as the project's default (optim.fused=true)")
     # image
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--image-size", type=int, default=64)
@@ -63,7 +66,8 @@ def image_setup(args, device):
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=args.num_classes).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
+                                fused=args.fused or None)
     data = SyntheticImages(args.batch * args.steps, args.num_classes, args.image_size, seed=0)
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True, **loader_options(args))
 
@@ -86,7 +90,8 @@ def bert_setup(args, device):
     else:
         model = AutoModelForSequenceClassification.from_pretrained(args.model_dir, num_labels=2)
     model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=args.fused or None)
     data = datasets.load_dataset("csv", data_files=args.train_file, split="train", cache_dir=args.cache_dir)
     data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True,
                     remove_columns=["text"]).rename_column("label", "labels")

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=0, help="processes of the DDP run (default: 2 on CPU, all GPUs)")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default 3; --quick 1)")
     p.add_argument("--breakdown-reps", type=int, default=0,
-                   help="repetitions of the step breakdown (default 2, keeping make bench under 20 min; --quick 1)")
+                   help="repetitions of the step breakdown (default 2, keeping make bench short; --quick 1)")
     p.add_argument("--threads", type=int, default=0, help="threads per process (default: 1 on CPU)")
     p.add_argument("--image-size", type=int, default=0)
     p.add_argument("--epochs", type=int, default=0, help="epochs per run, for the memory figures (default 4)")

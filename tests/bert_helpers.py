@@ -60,6 +60,13 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def varied_rows(n: int, seed: int) -> list[dict]:
+    """sentiment_rows with 0-24 more filler words each: lengths that padding cares about."""
+    rng = random.Random(seed)
+    return [{**row, "text": " ".join([row["text"]] + rng.choices(FILLER, k=rng.randrange(25)))}
+            for row in sentiment_rows(n, seed)]
+
+
 def write_csv(path: Path, rows: list[dict]) -> Path:
     import csv
 

@@ -6,6 +6,8 @@ HANG_ON_SAVE=N              on the N-th file save: write half of it, create '<ta
 HANG_IN_SHARDED_SAVE=N      on the N-th sharded save (torch.distributed.checkpoint.save): let every rank
                             write its shard, cut rank 0's shard to half, create '<folder>.hanging', then
                             block before the folder is renamed (a crash in the middle of a sharded save)
+SLOW_DATA_RANK=R            on rank R, every training sample takes SLOW_DATA_S seconds longer to load
+                            (a rank held up by its data: slow storage, too few loader workers)
 """
 
 import io
@@ -66,6 +68,17 @@ if "HANG_IN_SHARDED_SAVE" in os.environ:
 
     _original_dcp_save = dcp.save
     dcp.save = _instrumented_dcp_save
+if os.environ.get("SLOW_DATA_RANK") == os.environ.get("RANK"):
+    import dtrain.data
+
+    _original_getitem = dtrain.data.EpochSeeded.__getitem__
+
+    def _slow_getitem(self, key):
+        time.sleep(float(os.environ.get("SLOW_DATA_S", "0.05")))
+        return _original_getitem(self, key)
+
+    dtrain.data.EpochSeeded.__getitem__ = _slow_getitem
+
 train = Path(__file__).resolve().parents[1] / "train.py"
 sys.argv = [str(train), *sys.argv[1:]]
 runpy.run_path(str(train), run_name="__main__")

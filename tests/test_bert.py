@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bert_helpers import (REPO, eval_records, genre_rows, run_ranks, run_train, sentiment_rows, write_csv,
-                          write_jsonl, write_tiny_bert)
+from bert_helpers import (REPO, eval_records, genre_rows, run_ranks, run_train, sentiment_rows, varied_rows,
+                          write_csv, write_jsonl, write_tiny_bert)
 
 VAL_ROWS = 37
 
@@ -26,6 +26,8 @@ def ws(tmp_path_factory) -> Path:
     write_csv(root / "val.csv", sentiment_rows(VAL_ROWS, seed=1))
     write_jsonl(root / "genres_train.jsonl", genre_rows(96, seed=0))
     write_jsonl(root / "genres_val.jsonl", genre_rows(VAL_ROWS, seed=1))
+    write_csv(root / "varied_train.csv", varied_rows(96, seed=2))
+    write_csv(root / "varied_val.csv", varied_rows(VAL_ROWS, seed=3))
     return root
 
 
@@ -180,6 +182,67 @@ def test_resume_mid_epoch_ends_where_an_uninterrupted_run_ends(ws: Path, tmp_pat
     assert "resumed from" in resumed.stdout and "step 5" in resumed.stdout
     assert max_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")) < 1e-6
     assert eval_records(tmp_path / "resumed")[-1]["step"] == 24
+
+
+def varied(ws: Path) -> list[str]:
+    return [f"data.train_files={ws / 'varied_train.csv'}", f"data.validation_files={ws / 'varied_val.csv'}"]
+
+
+def test_length_grouped_run_killed_mid_epoch_on_two_ranks_resumes_exactly(ws: Path, tmp_path: Path):
+    """SIGKILL of the whole 2-rank job in the middle of epoch 2 (during a checkpoint write); the restarted job
+    skips exactly what was trained, so it ends with the weights of an uninterrupted run."""
+    import psutil
+
+    from conftest import start, wait_until
+
+    common = (*varied(ws), "batch_size=4", "epochs=2", "optim.schedule=constant", "optim.warmup_steps=0",
+              "resume=auto", "checkpoint_every=4", "data.group_by_length=true")
+    check_ok(run_train(tiny_args(ws, tmp_path / "straight", *common), nproc=2))
+    out = tmp_path / "killed"
+    # 12 steps per epoch; file saves at steps 4, 8, 12, the epoch end, 16, then 20: rank 0 hangs writing that one.
+    job = start(tiny_args(ws, out, *common), script=str(REPO / "tests" / "patched_train.py"), nproc=2,
+                HANG_ON_SAVE="6")
+    wait_until(lambda: list((out / "checkpoints").glob("*.hanging")), job, timeout=180, what="the step-20 save")
+    for proc in [*psutil.Process(job.pid).children(recursive=True), job]:  # both ranks and the launcher at once
+        proc.kill()
+    job.communicate()
+    resumed = run_train(tiny_args(ws, out, *common), nproc=2)
+    check_ok(resumed)
+    assert "resumed from" in resumed.stdout and "epoch 1, step 16" in resumed.stdout  # mid-epoch 2
+    assert max_difference(final_weights(tmp_path / "straight"), final_weights(out)) < 1e-6
+    assert all(r["samples"] == VAL_ROWS for r in eval_records(out))
+
+
+def test_mid_epoch_resume_with_another_global_batch_is_refused_when_grouped(ws: Path, tmp_path: Path):
+    common = (*varied(ws), "epochs=2", "resume=auto", "data.group_by_length=true")
+    check_ok(run_train(tiny_args(ws, tmp_path, *common, "batch_size=8", "max_steps=5")))
+    refused = run_train(tiny_args(ws, tmp_path, *common, "batch_size=4"))
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error")]
+    assert refused.returncode == 1 and len(errors) == 1, refused.stderr
+    assert "stopped mid-epoch" in errors[0] and "global batch of 8" in errors[0]
+
+
+def test_grouping_by_length_pads_less_and_evaluates_every_example(ws: Path, tmp_path: Path):
+    """The BERT task hands its token counts to the loaders: fewer pad tokens per example, same examples."""
+    from dtrain.data import make_loaders
+    from dtrain.dist import DistEnv
+    from dtrain.workloads import bert
+
+    env = DistEnv(mode="single", device=torch.device("cpu"))
+    seen = {}
+    for grouping in ("true", "false"):
+        cfg = in_process_config(ws, tmp_path, *varied(ws), "batch_size=8", f"data.group_by_length={grouping}")
+        task = bert.build(cfg, env)
+        assert (task.lengths is not None) == (grouping == "true")
+        train, sampler, val = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
+                                           task.random_samples, task.lengths)
+        sampler.start_epoch(0)
+        batches = list(train)
+        pads = sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(len(b["labels"]) for b in batches)
+        seen[grouping] = (pads, sorted(i for _, i in sampler), sum(len(b["labels"]) for b in val))
+    assert seen["true"][0] < seen["false"][0] / 2, seen  # 96 examples: megabatches of only 24 to sort
+    assert seen["true"][1] == seen["false"][1] == list(range(96))  # the same examples, once each
+    assert seen["true"][2] == seen["false"][2] == VAL_ROWS
 
 
 def test_multi_label_from_jsonl_lists(ws: Path, tmp_path: Path):

@@ -61,6 +61,14 @@ def test_workload_selects_the_model_and_data_sections():
     (["epochs"], "is not key=value"),
     (["stop_signals=SIGFOO"], "'SIGFOO' is not a signal name"),
     (["eval_only=true"], "eval_only=true needs a checkpoint"),
+    (["fsdp.param_dtype=fp8"], "config key 'fsdp.param_dtype' must be one of fp32, bf16, fp16"),
+    (["activation_checkpointing=sometimes"], "config key 'activation_checkpointing' must be bool"),
+    (["hang_report_s=-1"], "config key 'hang_report_s' must be >= 0"),
+    (["peak_tflops=-5"], "config key 'peak_tflops' must be >= 0"),
+    (["profile.start_step=-1"], "config key 'profile.start_step' must be >= 0"),
+    (["profile.steps=0"], "config key 'profile.steps' must be >= 1"),
+    (["optim.fused=sometimes"], "config key 'optim.fused' must be bool, got 'sometimes'"),
+    (["workload=bert", "data.group_by_length=maybe"], "config key 'data.group_by_length' must be bool"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -106,6 +114,9 @@ def test_cli_help_and_cli_errors_exit_2_with_one_line():
     proc = run_train(["--config", "configs/image/mnist_demo.yaml", "optim.lrr=1"])
     assert proc.returncode == 2
     assert_one_clear_error(proc, "optim.lrr", "valid keys at optim")
+    proc = run_train(["--config", "configs/bert/minilm_rotten_tomatoes.yaml", "data.group_by_length=2"])
+    assert proc.returncode == 2
+    assert_one_clear_error(proc, "'data.group_by_length' must be bool")
     proc = run_train(["--config", "configs/nope.yaml"])
     assert proc.returncode == 2
     assert_one_clear_error(proc, "configs/nope.yaml", "does not exist")

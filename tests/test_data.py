@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from dtrain import loop
 from dtrain.config import load_config
-from dtrain.data import EpochSeeded, ResumableSampler, ShardSampler
+from dtrain.data import EpochSeeded, LengthGroupedSampler, ResumableSampler, ShardSampler
 from dtrain.dist import DistEnv
 from dtrain.strategies import build_strategy
 from dtrain.workloads import Task
@@ -132,4 +132,107 @@ def test_loop_reshuffles_each_epoch_and_evaluates_every_sample(tmp_path, monkeyp
     epochs = [train.seen[:12], train.seen[12:24]]
     assert len(train.seen) == 24 and all(sorted(e) == list(range(12)) for e in epochs)
     assert epochs[0] != epochs[1]  # set_epoch reached the sampler
-    assert metrics["samples"] == 5 and sorted(val.seen) == sorted([0, 1, 2, 3, 4] * 2)  # two evaluations, all samples
+    # two evaluations of all samples, and the FLOP count's one batch (the first batch_size samples) at the start
+    assert metrics["samples"] == 5 and sorted(val.seen) == sorted([0, 1, 2, 3, 4] * 2 + [0, 1, 2, 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Length-grouped batches (the BERT workload's data.group_by_length)
+
+
+def lengths_of(n: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 65, (n,), generator=generator).tolist()
+
+
+def grouped(n: int, rank: int, world_size: int, batch_size: int, seed: int = 0, lengths=None) -> LengthGroupedSampler:
+    return LengthGroupedSampler(Numbers(n), env_of(rank, world_size), seed, lengths or lengths_of(n), batch_size)
+
+
+def batches_of(sampler, batch_size: int) -> list[list[int]]:
+    """What the loader makes of the sampler: consecutive batch_size slices, an incomplete last one dropped."""
+    order = indices(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order) // batch_size * batch_size, batch_size)]
+
+
+def padding_per_sample(batches: list[list[int]], lengths: list[int]) -> float:
+    return sum(max(lengths[i] for i in b) - lengths[i] for b in batches for i in b) / sum(map(len, batches))
+
+
+def test_grouped_ranks_split_the_epoch_like_distributed_sampler():
+    for n, world_size in ((400, 2), (403, 3)):  # 403 does not divide by 3: padded as DistributedSampler pads
+        plain = [ResumableSampler(Numbers(n), env_of(r, world_size), seed=0) for r in range(world_size)]
+        ranks = [grouped(n, r, world_size, batch_size=4) for r in range(world_size)]
+        for s in plain + ranks:
+            s.start_epoch(0)
+        assert [len(s) for s in ranks] == [len(s) for s in plain] == [len(indices(s)) for s in ranks]
+        # Every sample once, plus the same number of padding repeats as the plain sampler.
+        assert sorted(sum(map(indices, ranks), [])) == sorted(sum(map(indices, plain), []))
+        assert set(sum(map(indices, ranks), [])) == set(range(n))
+        if n % world_size == 0:  # no padding: the ranks' shares are disjoint
+            assert len(set(sum(map(indices, ranks), []))) == n
+
+
+def test_grouped_batches_pad_little_and_every_rank_gets_the_same_length_group():
+    lengths = lengths_of(800)
+    ranks = [grouped(800, r, 2, batch_size=8, lengths=lengths) for r in range(2)]
+    plain = ResumableSampler(Numbers(800), env_of(0, 2), seed=0)
+    for s in ranks + [plain]:
+        s.start_epoch(0)
+    per_rank = [batches_of(s, 8) for s in ranks]
+    assert padding_per_sample(per_rank[0], lengths) < padding_per_sample(batches_of(plain, 8), lengths) / 5
+    # Step k: both ranks' batches come from one sorted run of 16, so they need about the same padded length.
+    longest = [[max(lengths[i] for i in b) for b in batches] for batches in per_rank]
+    assert max(abs(a - b) for a, b in zip(*longest)) <= 4
+    assert longest[0][0] == max(lengths)  # the longest batch first: out-of-memory shows at step 1
+
+
+def test_grouped_order_depends_on_seed_and_epoch_and_reshuffles_batches():
+    def epoch(seed: int, number: int) -> list[int]:
+        s = grouped(400, 0, 1, batch_size=8, seed=seed)
+        s.start_epoch(number)
+        return indices(s)
+
+    assert epoch(0, 1) == epoch(0, 1)
+    assert epoch(0, 1) != epoch(0, 2) and epoch(0, 1) != epoch(1, 1)
+    first = [set(b) for b in batches_of(grouped(400, 0, 1, 8), 8)]  # epoch 0 of a fresh sampler
+    again = grouped(400, 0, 1, 8)
+    again.start_epoch(1)
+    assert sum(set(b) in first for b in batches_of(again, 8)) < len(first) / 2  # new batches, not a new batch order
+    # Batches are shuffled, not served in length order megabatch by megabatch (that would be mostly ascents).
+    lengths = lengths_of(400)
+    longest = [max(lengths[i] for i in b) for b in batches_of(grouped(400, 0, 1, 8, lengths=lengths), 8)]
+    assert sum(b > a for a, b in zip(longest, longest[1:])) < 0.7 * (len(longest) - 1)
+
+
+def test_grouped_skip_resumes_mid_epoch_exactly():
+    full = grouped(403, 1, 2, batch_size=4)
+    full.start_epoch(3)
+    uninterrupted = indices(full)
+    for skip in (0, 4, 100, len(uninterrupted)):
+        resumed = grouped(403, 1, 2, batch_size=4)
+        resumed.start_epoch(3, skip=skip)
+        assert indices(resumed) == uninterrupted[skip:] and len(resumed) == len(uninterrupted) - skip
+
+
+def test_grouped_order_follows_the_global_batch_across_world_sizes():
+    one = grouped(400, 0, 1, batch_size=8)
+    two = [grouped(400, r, 2, batch_size=4) for r in range(2)]
+    for s in [one, *two]:
+        s.start_epoch(1)
+    assert one.global_order() == two[0].global_order()  # same global batch of 8: same epoch order
+    consumed = 3 * 8  # 3 steps of 2 x 4, resumed by one process at batch 8
+    for s in two:
+        s.start_epoch(1, skip=consumed // 2)
+    one.start_epoch(1, skip=consumed)
+    assert sorted(indices(one)) == sorted(indices(two[0]) + indices(two[1]))
+    assert one.resume_problem(world_size=2, batch_size=4) is None
+    assert "global batch of 16" in one.resume_problem(world_size=2, batch_size=8)
+    assert ResumableSampler(Numbers(400), env_of(0, 1), seed=0).resume_problem(2, 8) is None
+
+
+def test_eval_shards_in_length_order_count_every_sample_once():
+    lengths = lengths_of(7)
+    shards = [list(ShardSampler(7, env_of(r, 2), lengths)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))
+    assert all([lengths[i] for i in shard] == sorted(lengths[i] for i in shard) for shard in shards)

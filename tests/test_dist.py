@@ -69,10 +69,20 @@ def test_ports_differ_between_jobs():
     assert 1024 < slurm_port("99999999") < 65536
 
 
-def test_threads_share_the_cores():
-    assert threads_per_process(3, 2) == 3
-    cores = threads_per_process(0, 1)
-    assert cores >= 1 and threads_per_process(0, cores * 4) == 1
+def test_thread_count_explicit_then_environment_then_cores_per_process():
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_process(0, 1, environ={}) == (cores, f"{cores} cores / 1 process on this node")
+    assert threads_per_process(0, cores * 4, environ={})[0] == 1  # never 0
+    # A thread variable set by the user or the launcher (torchrun sets OMP_NUM_THREADS=1) is honoured ...
+    count, source = threads_per_process(0, 2, environ={"OMP_NUM_THREADS": "3"})
+    assert count == 3 and source.startswith("OMP_NUM_THREADS=3 in the environment")
+    assert threads_per_process(0, 1, environ={"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "5"})[0] == 5  # as torch
+    assert threads_per_process(0, 1, environ={"OMP_NUM_THREADS": ""})[0] == cores  # empty = unset
+    # ... and threads=N wins over it.
+    assert threads_per_process(4, 2, environ={"OMP_NUM_THREADS": "1"}) == (4, "threads=4")
+    for bad in ("two", "0"):
+        with pytest.raises(UserError, match="OMP_NUM_THREADS"):
+            threads_per_process(0, 1, environ={"OMP_NUM_THREADS": bad})
 
 
 def test_single_process_modes(monkeypatch, capsys):

@@ -118,9 +118,9 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(reference: Path, t
     reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in (0, 1)]
     # no_sync on the non-final micro-step: STEPS rounds, not STEPS x grad_accum_steps.
     assert [r["all_reduce_rounds"] for r in reports] == [STEPS, STEPS]
-    # threads=0: the node's cores shared by its 2 processes, at least one each (not the 3 it started with).
-    cores = len(os.sched_getaffinity(0))
-    assert [r["threads"] for r in reports] == [max(1, cores // 2)] * 2
+    # threads=0: OMP_NUM_THREADS=1 from the environment (set by conftest; torchrun sets 1 itself when it is
+    # unset), not the 3 the process started with.
+    assert [r["threads"] for r in reports] == [1, 1]
     assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
     assert max_difference(weights(out), weights(reference)) < 1e-5
 
@@ -151,17 +151,95 @@ def test_compile_gives_the_same_losses(reference: Path, tmp_path: Path):
     assert not any(k.startswith("_orig_mod.") for k in weights(run)), "checkpoint holds the compiled wrapper"
 
 
-def test_fused_optimizers_train_like_the_default_ones(reference: Path, tmp_path: Path):
+THREADS_TRAIN = """
+import os, runpy, sys
+import torch
+
+torch.set_num_threads(3)  # what the process would keep if the project did not set its own count
+sys.argv = [os.environ["TRAIN"], *sys.argv[1:]]
+train = runpy.run_path(os.environ["TRAIN"], run_name="train")
+code = train["main"]()
+open(os.environ["REPORT"], "w").write(str(torch.get_num_threads()))  # train.py's own exit skips atexit
+train["exit_process"](code)
+"""
+
+
+@pytest.mark.parametrize("setting, env, expected, said", [
+    ([], {"OMP_NUM_THREADS": "1"}, 1, "threads: 1 per process (OMP_NUM_THREADS=1 in the environment"),
+    (["threads=3"], {"OMP_NUM_THREADS": "1"}, 3, "threads: 3 per process (threads=3)"),
+    ([], {}, len(os.sched_getaffinity(0)), "cores / 1 process on this node)"),
+])
+def test_thread_count_follows_the_setting_then_the_environment_then_the_cores(tmp_path: Path, setting, env,
+                                                                               expected, said):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TRAIN, subprocess_env
+
+    script, report = tmp_path / "threads_train.py", tmp_path / "threads"
+    script.write_text(THREADS_TRAIN)
+    environ = {k: v for k, v in subprocess_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, str(script), *SYNTHETIC, "max_steps=1", *setting, f"output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**environ, **env, "REPORT": str(report), "TRAIN": TRAIN})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert int(report.read_text()) == expected
+    assert said in proc.stdout and proc.stdout.count("threads: ") == 1
+
+
+def test_fused_optimizer_steps_by_default_and_train_like_the_unfused_ones(reference: Path, tmp_path: Path):
     from dtrain.config import load_config
     from dtrain.optim import build_optimizer
 
     model = torch.nn.Linear(3, 2)
     for name in ("sgd", "adamw"):
-        assert build_optimizer(model, load_config(None, [f"optim.name={name}", "optim.fused=true"]).optim
-                               ).defaults["fused"] is True
-    run = train(tmp_path, *BIG_BATCH, "optim.fused=true")
+        assert build_optimizer(model, load_config(None, [f"optim.name={name}"]).optim).defaults["fused"] is True
+        assert not build_optimizer(model, load_config(None, [f"optim.name={name}", "optim.fused=false"]).optim
+                                   ).defaults["fused"]
+    run = train(tmp_path, *BIG_BATCH, "optim.fused=false")
     assert losses(run) == pytest.approx(losses(reference), rel=1e-4)
     assert max_difference(weights(run), weights(reference)) < 1e-4
+
+
+def test_fused_fallback_is_said_once_and_trains():
+    """A parameter the fused kernels do not take (complex here) falls back to torch's default, in one line."""
+    from dtrain.config import load_config
+    from dtrain.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    model.register_parameter("phase", torch.nn.Parameter(torch.ones(2, dtype=torch.complex64)))
+    said = []
+    for name in ("sgd", "adamw"):
+        optimizer = build_optimizer(model, load_config(None, [f"optim.name={name}"]).optim, say=said.append)
+        assert not optimizer.defaults["fused"]
+        (model(torch.ones(1, 3)).sum() + model.phase.abs().sum()).backward()
+        optimizer.step()
+    assert said == [f"optim: no fused {name} step for torch.complex64 parameters on cpu; using torch's default "
+                    "implementation" for name in ("sgd", "adamw")]
+
+
+def test_resume_keeps_this_runs_optimizer_implementation():
+    """A checkpoint of an unfused run resumed with the fused default steps fused, with the same state."""
+    from dtrain.config import load_config
+    from dtrain.dist import DistEnv
+    from dtrain.optim import build_optimizer, keep_implementation
+    from dtrain.strategies import build_strategy
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["optim.name=adamw", "optim.fused=false"])
+    strategy = build_strategy(cfg, DistEnv(mode="single", device=torch.device("cpu")))
+    model = strategy.wrap(torch.nn.Linear(3, 2), [])
+    unfused = build_optimizer(model, cfg.optim)
+    model(torch.ones(1, 3)).sum().backward()
+    unfused.step()
+    unfused.zero_grad(set_to_none=True)  # as in a process that resumes: no gradients yet
+    model_state, optim_state = strategy.state_dicts(unfused)  # what a checkpoint holds
+    fused = build_optimizer(model, load_config(None, ["optim.name=adamw"]).optim)
+    strategy.load_state_dicts(fused, model_state, keep_implementation(fused, optim_state), whole=True)
+    assert all(group["fused"] is True for group in fused.param_groups)
+    saved, loaded = unfused.state_dict()["state"], fused.state_dict()["state"]
+    assert all(torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"]) for i in saved)
+    fused.step()  # the fused kernel accepts the loaded state
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(reference: Path, tmp_path: Path):

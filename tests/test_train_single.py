@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -21,9 +22,15 @@ def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 13))  # 24 images / batch 4 = 6 steps per epoch
-    assert set(train[0]) == {"kind", "epoch", "step", "loss", "lr", "samples_per_sec"}
+    assert set(train[0]) == {"kind", "epoch", "step", "loss", "lr", "samples_per_sec", "tflops_per_device",
+                             "data_ms", "compute_ms", "step_ms", "step_ms_max", "slowest_rank", "slowest_behind"}
     assert [(e["epoch"], e["samples"]) for e in evals] == [(0, 7), (1, 7)]
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
+    # Each evaluation prints its per-class table: a header, then one row per class with the support.
+    tables = re.findall(r"^ +class +precision +recall +f1 +support\n((?: +\d+ +[\d.]+ +[\d.]+ +[\d.]+ +\d+\n)+)",
+                        proc.stdout, re.M)
+    assert [[int(row.split()[-1]) for row in table.splitlines()] for table in tables] == [[3, 2, 2]] * 2, proc.stdout
+    assert [e["per_class"]["support"] for e in evals] == [[3, 2, 2]] * 2
     memory = [r for r in records if r["kind"] == "memory"]
     assert memory and memory[0]["peak_rss_mb"][0] > 50
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)

@@ -44,7 +44,8 @@ class OptimConfig:
     gamma: float = opt(0.1, "schedule=step: decay factor")
     min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
-    fused: bool = opt(False, "fused optimizer step: one kernel over all parameters (faster on GPUs and on CPUs)")
+    fused: bool = opt(True, "fused optimizer step (one kernel over all parameters) where the device and dtype have "
+                            "it, else torch's default, said once; false = torch's default (for-loop on CPUs)")
     backbone_lr_scale: float = opt(1.0, "lr multiplier for every parameter but the classifier head (fine-tuning: "
                                         "e.g. 0.1; image workload)")
 
@@ -118,6 +119,8 @@ class BertDataConfig:
     drop_labels: list[str] = opt([], "drop rows whose label (multi_label: any label) is one of these")
     max_train_samples: int = opt(0, "use only N training rows, chosen by a seeded shuffle (0 = all)")
     cache_dir: str = opt("", "datasets cache for the parsed and tokenized files ('' = HF_DATASETS_CACHE or ~/.cache)")
+    group_by_length: bool = opt(True, "training batches of similar token counts (less padding), shuffled batch by "
+                                      "batch; false = uniformly random batches")
 
 
 @dataclass
@@ -137,6 +140,14 @@ class EMAConfig:
     steps: int = opt(32, "update the average every N optimizer steps (torchvision --model-ema-steps)")
     decay: float = opt(0.99998, "decay per update before the adjustment for world size x batch x steps / epochs "
                                 "(torchvision --model-ema-decay)")
+
+
+@dataclass
+class ProfileConfig:
+    start_step: int = opt(0, "record a torch.profiler trace from this optimizer step on (0 = off), per rank, in "
+                             "<output_dir>/profile/")
+    steps: int = opt(3, "how many steps the trace covers")
+    cuda_memory: bool = opt(False, "GPUs: also write a CUDA memory snapshot of those steps")
 
 
 # Per-workload types of the `model` and `data` sections.
@@ -176,8 +187,13 @@ class Config:
     checkpoint_every: int = opt(0, "also save last.pt every N optimizer steps, mid-epoch (0 = each epoch only)")
     keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt")
     num_workers: int = opt(2, "DataLoader worker processes per rank")
-    threads: int = opt(0, "torch intra-op threads per process (0 = CPU cores / processes on this node)")
+    threads: int = opt(0, "torch intra-op threads per process (0 = OMP_NUM_THREADS / MKL_NUM_THREADS if set, "
+                          "else CPU cores / processes on this node)")
     log_every: int = opt(20, "log train metrics every N optimizer steps")
+    hang_report_s: float = opt(120.0, "a rank that made no progress for this long reports which ranks are silent or "
+                                      "elsewhere, and every live rank writes its stacks to <output_dir>/hang/ (0 = off)")
+    peak_tflops: float = opt(0.0, "the device's peak TFLOP/s at the run's precision: train records then report MFU "
+                                  "(0 = achieved TFLOP/s only)")
     progress: bool = opt(True, "rank-0 progress bar when stderr is a terminal (plain lines otherwise)")
     timeout_s: float = opt(600.0, "collective/rendezvous timeout in seconds: a dead peer fails the job after this")
     nonfinite_loss: Literal["stop", "skip"] = opt(
@@ -185,21 +201,25 @@ class Config:
     stop_signals: list[str] = opt(["SIGTERM", "SIGUSR1"],
                                   "signals that make all ranks stop at the same step, save, and exit with code 3")
     requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 runs `scontrol requeue $SLURM_JOB_ID`")
+    nproc: int = opt(0, "start N local DDP workers from plain `python train.py`, as torchrun --standalone "
+                        "--nproc_per_node=N would (0 = off)")
+    max_restarts: int = opt(0, "with nproc: restart all workers up to N times when one fails (torchrun's --max-restarts)")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     model: Any = field(default_factory=ImageModelConfig)
     data: Any = field(default_factory=ImageDataConfig)
 
 
-SECTIONS = ("optim", "ddp", "fsdp", "ema", "model", "data")
+SECTIONS = ("optim", "ddp", "fsdp", "ema", "profile", "model", "data")
 
 
 def section_types(workload: str) -> dict[str, type]:
     model_t, data_t = WORKLOAD_SECTIONS[workload]
-    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "ema": EMAConfig, "model": model_t,
-            "data": data_t}
+    return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "ema": EMAConfig, "profile": ProfileConfig,
+            "model": model_t, "data": data_t}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,17 +391,30 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
     non_negative = {"max_steps": cfg.max_steps, "eval_batch_size": cfg.eval_batch_size, "num_workers": cfg.num_workers,
-                    "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every, "keep_last": cfg.keep_last}
+                    "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every, "keep_last": cfg.keep_last,
+                    "nproc": cfg.nproc, "max_restarts": cfg.max_restarts}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
     if cfg.timeout_s <= 0:
         raise ConfigError(f"config key 'timeout_s' must be > 0, got {cfg.timeout_s}")
+    for key, value in {"hang_report_s": cfg.hang_report_s, "peak_tflops": cfg.peak_tflops,
+                       "profile.start_step": cfg.profile.start_step}.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.profile.steps < 1:
+        raise ConfigError(f"config key 'profile.steps' must be >= 1, got {cfg.profile.steps}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     for name in cfg.stop_signals:
         if not isinstance(getattr(signal, name, None), signal.Signals):
             raise ConfigError(f"config key 'stop_signals': {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    if cfg.max_restarts and not cfg.nproc:
+        raise ConfigError("max_restarts restarts the workers that nproc=N starts: add nproc=N "
+                          "(under torchrun use its --max-restarts)")
+    if cfg.nproc and cfg.mode == "dp":
+        raise ConfigError("mode=dp is one process driving all local GPUs; nproc=N starts N DDP workers: "
+                          "drop one of them")
     if cfg.eval_only and not cfg.resume:
         raise ConfigError("eval_only=true needs a checkpoint: add resume=auto or resume=PATH")
     if cfg.optim.warmup_epochs < 0:
@@ -439,28 +472,65 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def help_text() -> str:
-    """Every key with its type, default and meaning (the body of ``train.py --help``)."""
-    lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):", ""]
-    lines += _describe(Config, "", skip=SECTIONS)
-    for name, cls in (("optim", OptimConfig), ("ddp", DDPConfig), ("fsdp", FSDPConfig), ("ema", EMAConfig)):
-        lines += ["", f"[{name}]"] + _describe(cls, f"{name}.")
+def key_groups() -> list[tuple[str, str, type]]:
+    """(title, key prefix, dataclass) of every group of keys, in the order --help and the docs list them."""
+    groups = [("top level", "", Config)]
+    groups += [(f"[{name}]", f"{name}.", cls) for name, cls in section_types("image").items()
+               if name not in ("model", "data")]
     for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
-        lines += ["", f"[model] for workload={workload}"] + _describe(model_t, "model.")
-        lines += ["", f"[data] for workload={workload}"] + _describe(data_t, "data.")
-    return "\n".join(lines)
+        groups += [(f"[model] for workload={workload}", "model.", model_t),
+                   (f"[data] for workload={workload}", "data.", data_t)]
+    return groups
 
 
-def _describe(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+def keys_of(cls: type, prefix: str) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) of a group's keys (a section itself is not a key)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if cls is Config and f.name in SECTIONS:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(f"  {prefix + f.name:<28} {_type_name(hints[f.name]):<26} default={default!r}")
-        out.append(f"      {f.metadata.get('help', '')}")
+        out.append((prefix + f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
     return out
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning (the body of ``train.py --help``)."""
+    lines = ["config keys (set in the YAML preset or as key=value after it; nested keys are dotted):"]
+    for title, prefix, cls in key_groups():
+        lines += ["", title] if prefix else [""]
+        for key, type_name, default, help in keys_of(cls, prefix):
+            lines += [f"  {key:<28} {type_name:<26} default={default!r}", f"      {help}"]
+    return "\n".join(lines)
+
+
+MARKDOWN_INTRO = """\
+# Configuration
+
+Every key, with its type, default and meaning. This page is generated from the config dataclasses'
+own help texts (`src/dtrain/config.py`) by `python -m dtrain.config --markdown > docs/configuration.md`;
+a test fails when it is stale. `python train.py --help` prints the same.
+
+Keys are set in a YAML preset (`--config configs/...yaml`; sections as nested mappings) and
+overridden on the command line as `key=value` (nested keys dotted: `optim.lr=0.05`); the command line
+wins. The config is closed: an unknown key, a value of the wrong type or out of range is one
+`error:` line naming the key, exit code 2. Lists are written `a,b` or `[a, b]`. The `model` and
+`data` sections depend on `workload`. The resolved config is saved as `<output_dir>/config.yaml`.
+"""
+
+
+def markdown() -> str:
+    """docs/configuration.md: one table per group of keys."""
+    lines = [MARKDOWN_INTRO]
+    for title, prefix, cls in key_groups():
+        lines += [f"## {title.strip('[]') if prefix else 'Top level'}", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for key, type_name, default, help in keys_of(cls, prefix):
+            cell = type_name.replace("|", " \\| ")
+            lines.append(f"| `{key}` | {cell} | `{default!r}` | {help.replace('|', chr(92) + '|')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _type_name(typ: Any) -> str:
@@ -469,3 +539,11 @@ def _type_name(typ: Any) -> str:
     if typing.get_origin(typ) is list:
         return f"list[{typing.get_args(typ)[0].__name__}]"
     return typ.__name__
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m dtrain.config --markdown > docs/configuration.md")
+    print(markdown(), end="")

@@ -4,17 +4,19 @@ Training always uses a DistributedSampler (world size 1 outside DDP), so one pro
 and N processes at batch B/N see the same samples in the same steps. Each training sample is
 drawn under its own seed (epoch, index), so random augmentation does not depend on the rank,
 the number of workers or where a run was resumed; a transform of a whole batch (MixUp/CutMix) is
-drawn under a seed made from its samples' keys. Evaluation shards the validation set without
-padding, so every sample is counted exactly once.
+drawn under a seed made from its samples' keys. Given the samples' lengths (tokenized text),
+training batches group samples of similar length (LengthGroupedSampler). Evaluation shards the
+validation set without padding, so every sample is counted exactly once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import signal
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
@@ -45,6 +47,68 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+    def resume_problem(self, world_size: int, batch_size: int) -> str | None:
+        """Why a mid-epoch checkpoint of a run with this world size and batch cannot continue here (None: it can).
+
+        The permutation depends only on (seed, epoch), so the consumed samples are the same ones
+        whatever the world size (the loop checks that they divide evenly).
+        """
+        return None
+
+
+class LengthGroupedSampler(ResumableSampler):
+    """ResumableSampler whose batches hold samples of similar length, so dynamic padding pads little.
+
+    The epoch's permutation (seeded by (seed, epoch) and padded as DistributedSampler pads it) is
+    cut into megabatches of up to MEGABATCH global batches (batch_size x world size); each
+    megabatch is sorted by length and cut into global batches, and the global batches are shuffled
+    (the longest goes first, so a batch that does not fit in memory fails at the first step). Rank r
+    takes every world-size-th position, as DistributedSampler does: its batch k is a slice of
+    global batch k, so all ranks' batches come from one length group and cost about the same. The
+    positions left over after the last full global batch stay at the end, where the loader's
+    drop_last drops them as before. The order thus depends on (seed, epoch, global batch).
+    """
+
+    MEGABATCH = 50  # global batches sorted together (the Hugging Face Trainer groups 50 batches too)
+
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, lengths: Sequence[int], batch_size: int):
+        super().__init__(dataset, env, seed)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} samples")
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = self.global_order()[self.rank:self.total_size:self.num_replicas][self.skip:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def global_order(self) -> list[int]:
+        """Every rank's samples of this epoch, interleaved as DistributedSampler interleaves them."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order = (order * math.ceil(self.total_size / len(order)))[:self.total_size]  # DistributedSampler's padding
+        step = self.batch_size * self.num_replicas
+        full = self.total_size // step * step
+        megabatch = step * max(1, min(self.MEGABATCH, full // step // 4))
+        batches = []
+        for start in range(0, full, megabatch):
+            group = sorted(order[start:min(start + megabatch, full)], key=self.lengths.__getitem__)
+            batches += [group[i:i + step] for i in range(0, len(group), step)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return [i for batch in batches for i in batch] + order[full:]
+
+    def resume_problem(self, world_size: int, batch_size: int) -> str | None:
+        step, full = batch_size * world_size, math.ceil(len(self.dataset) / world_size) * world_size
+        ours = self.batch_size * self.num_replicas
+        if (step, full // step) == (ours, self.total_size // ours):
+            return None
+        return (f"its run had {world_size} process(es) x batch_size {batch_size}, and batches grouped by length "
+                f"(data.group_by_length) follow the global batch: resume with a global batch of {step}, or "
+                "from an epoch-end checkpoint")
 
 
 class RepeatedAugmentationSampler(ResumableSampler):
@@ -157,10 +221,14 @@ class SeededBatchTransform:
 
 
 class ShardSampler(Sampler[int]):
-    """Rank r takes samples r, r+W, r+2W, ...: no padding, no duplicates (exact evaluation)."""
+    """Rank r takes samples r, r+W, r+2W, ...: no padding, no duplicates (exact evaluation).
 
-    def __init__(self, length: int, env: DistEnv):
-        self.indices = range(env.rank, length, env.world_size)
+    Given the samples' lengths, it walks them shortest first instead, so each batch pads little.
+    """
+
+    def __init__(self, length: int, env: DistEnv, lengths: Sequence[int] | None = None):
+        order = range(length) if lengths is None else sorted(range(length), key=lengths.__getitem__)
+        self.indices = order[env.rank::env.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -171,7 +239,11 @@ class ShardSampler(Sampler[int]):
 
 def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, env: DistEnv,
                  random_samples: bool = True, batch_transform: Callable[[Any], Any] | None = None,
-                 ra_reps: int = 1) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+                 ra_reps: int = 1, lengths: tuple[Sequence[int], Sequence[int]] | None = None,
+                 ) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+    """Training and validation loaders; `lengths` (train, validation) groups batches by length,
+    `ra_reps` > 1 repeats each training sample on that many ranks, `batch_transform` acts on whole
+    training batches (MixUp/CutMix)."""
     workers = cfg.num_workers
     common = dict(
         num_workers=workers,
@@ -180,20 +252,23 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    train_samples = EpochSeeded(train_set, cfg.seed, random_samples)
+    seeded = EpochSeeded(train_set, cfg.seed, random_samples)
     if ra_reps > 1:
-        sampler = RepeatedAugmentationSampler(train_samples, env, seed=cfg.seed, repeats=ra_reps)
+        sampler = RepeatedAugmentationSampler(seeded, env, seed=cfg.seed, repeats=ra_reps)
+    elif lengths is not None:
+        sampler = LengthGroupedSampler(seeded, env, cfg.seed, lengths[0], cfg.batch_size)
     else:
-        sampler = ResumableSampler(train_samples, env, seed=cfg.seed)
+        sampler = ResumableSampler(seeded, env, seed=cfg.seed)
     train_collate = SeededBatchTransform(collate_fn, batch_transform, cfg.seed) if batch_transform else collate_fn
     # Each loader draws its workers' base seed from a generator of its own whenever an iterator is
     # made. From the global generator, that draw would shift dropout's random stream, and a run
     # resumed mid-epoch (which makes one iterator more) would no longer match an uninterrupted one.
-    train_loader = DataLoader(train_samples, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+    train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               collate_fn=train_collate, generator=torch.Generator().manual_seed(cfg.seed), **common)
-    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                            sampler=ShardSampler(len(val_set), env), drop_last=False, collate_fn=collate_fn,
-                            generator=torch.Generator().manual_seed(cfg.seed), **common)
+    val_sampler = ShardSampler(len(val_set), env, None if lengths is None else lengths[1])
+    val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler,
+                            drop_last=False, collate_fn=collate_fn, generator=torch.Generator().manual_seed(cfg.seed),
+                            **common)
     return train_loader, sampler, val_loader
 
 

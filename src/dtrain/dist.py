@@ -173,8 +173,8 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
     launch = read_launch(environ)
     use_cuda = cfg.mode != "cpu" and torch.cuda.is_available()
     if cfg.mode in ("ddp", "fsdp") and launch is None:
-        raise UserError(f"mode={cfg.mode} needs a launcher: torchrun --nproc_per_node=N train.py ... or srun "
-                        "(or use mode=auto to run in one process)")
+        raise UserError(f"mode={cfg.mode} needs a launcher: add nproc=N, or torchrun --nproc_per_node=N train.py ..., "
+                        "or srun (or use mode=auto to run in one process)")
     if cfg.mode == "dp" and launch is not None and launch.world_size > 1:
         raise UserError("mode=dp is one process driving all local GPUs; launch it with python, not torchrun/srun "
                         "(or use mode=ddp)")
@@ -186,7 +186,10 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
         if cfg.mode == "dp":
             print("mode=dp: fewer than 2 GPUs visible, running on one device", flush=True)
         env = DistEnv(mode="single", device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
-    torch.set_num_threads(threads_per_process(cfg.threads, env.local_world_size))
+    threads, source = threads_per_process(cfg.threads, env.local_world_size, environ)
+    torch.set_num_threads(threads)
+    if env.is_main:
+        print(f"threads: {threads} per process ({source})", flush=True)
     return env
 
 
@@ -209,6 +212,12 @@ def _setup_process_group(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv
     # default group that destroy_process_group does not clear, and the group's Gloo threads then
     # outlive cleanup() (see cleanup). Imported first, it holds none.
     import torch._dynamo as _dynamo  # noqa: F401 (binds no local `torch`)
+    if backend == "nccl":  # NCCL's flight recorder: the last collectives of every rank, dumped on a timeout
+        hang_dir = os.path.join(os.path.abspath(cfg.output_dir), "hang")
+        os.makedirs(hang_dir, exist_ok=True)
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(hang_dir, "nccl_trace_rank_"))
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     where = f"the process group at {launch.master_addr}:{launch.master_port} as rank {launch.rank}/{launch.world_size}"
     # torch times out most rendezvous waits itself; a program that accepts the connection on
@@ -271,12 +280,31 @@ def _rendezvous(launch: Launch, timeout: datetime.timedelta, environ: Mapping[st
     return {"store": dist.PrefixStore(f"dtrain/restart_{restart}/", store)}
 
 
-def threads_per_process(requested: int, local_world_size: int) -> int:
-    """Share this node's cores among its processes so they do not oversubscribe."""
+# torch reads both at start-up and MKL_NUM_THREADS wins when both are set; so does the rule below.
+THREAD_VARIABLES = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def threads_per_process(requested: int, local_world_size: int,
+                        environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """Intra-op threads for each process, and where the number comes from (for the start-up line).
+
+    threads=N wins. Else a thread variable set by the user or the launcher is honoured: torchrun
+    sets OMP_NUM_THREADS=1 when it is unset and starts several processes, and that counts as the
+    launcher's setting like any other. Else the node's cores are shared among its processes so
+    they do not oversubscribe.
+    """
     if requested > 0:
-        return requested
+        return requested, f"threads={requested}"
+    for name in THREAD_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            count = _int_var(environ, name)
+            if count < 1:
+                raise UserError(f"environment variable {name}={value!r} must be >= 1 (or unset it, or set threads=N)")
+            return count, f"{name}={count} in the environment; threads=N overrides"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    processes = max(1, local_world_size)
+    return max(1, cores // processes), f"{cores} cores / {processes} process{'es' * (processes > 1)} on this node"
 
 
 PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
@@ -307,12 +335,6 @@ def cleanup(env: DistEnv) -> None:
 # Collectives (no-ops outside DDP)
 
 
-def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank when `flag` is True on any rank.
 
@@ -320,6 +342,16 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     the result would make the CPU wait for all queued GPU work every time it is asked.
     """
     return bool(max_over_ranks(int(flag), env))
+
+
+def gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's `values` (the same length everywhere), in rank order, on every rank (host-side)."""
+    if not env.distributed:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(every, mine, group=env.host_group)
+    return [t.tolist() for t in every]
 
 
 def max_over_ranks(value: int, env: DistEnv) -> int:

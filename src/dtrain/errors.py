@@ -23,3 +23,11 @@ class StopTraining(Exception):
     """A stop signal was honoured: every rank saved at the same step. Exit code 3; resume=auto continues."""
 
     exit_code = 3
+
+
+class TrainingFailed(UserError):
+    """dtrain.train with nproc>0: a worker failed. The message is its error line when it wrote one."""
+
+    def __init__(self, message: str, *, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code  # what `python train.py ... nproc=N` exits with in the same case

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,13 @@ from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
 from dtrain.data import ResumableSampler, make_loaders, to_device
-from dtrain.dist import (DistEnv, agree_on_failure, all_reduce_sum, barrier, broadcast_object, gather_objects,
+from dtrain.dist import (DistEnv, agree_on_failure, barrier, broadcast_object, gather_floats, gather_objects,
                          max_over_ranks)
 from dtrain.ema import ModelEMA
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import RunLogger, Throughput
-from dtrain.optim import build_optimizer, build_scheduler, warmup_steps
+from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
+from dtrain.optim import build_optimizer, build_scheduler, keep_implementation, warmup_steps
 from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.strategies import Strategy
 from dtrain.workloads import Task, build_task
@@ -48,6 +49,11 @@ class Trainer:
     stop: StopRequest
     nonfinite: "NonfiniteWatch"
     ema: ModelEMA | None  # ema.enabled: the average of the weights, evaluated after the model
+    heartbeat: Heartbeat  # where this rank is, for hang reports
+    clock: StepClock = field(default_factory=StepClock)  # this rank's data wait and compute per step
+    timing: TimingWatch | None = None  # every rank's timing -> metrics and straggler warnings
+    profiler: Profiler | None = None
+    flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
 
 
 class NonfiniteWatch:
@@ -79,15 +85,18 @@ def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
     """Train (or only evaluate) as configured; returns the last evaluation metrics."""
     prepare_output_dir(cfg, env)
     stop = StopRequest(cfg.stop_signals, env)  # early, so a signal during set-up is not lost
+    heartbeat = Heartbeat(cfg.output_dir, env, cfg.hang_report_s).start()
     try:
-        trainer = prepare(cfg, env, strategy, stop)
+        trainer = prepare(cfg, env, strategy, stop, heartbeat)
         try:
             if cfg.eval_only:
                 return evaluate_and_log(trainer)
             return fit(trainer)
         finally:
+            trainer.profiler.close()
             trainer.logger.close()
     finally:
+        heartbeat.close()
         stop.restore()
 
 
@@ -122,14 +131,16 @@ def check_writable(folder: Path, rank: int) -> None:
                         "(fix it, or choose another output_dir=...)") from None
 
 
-def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) -> Trainer:
+def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, heartbeat: Heartbeat) -> Trainer:
     # Same seed on every rank for model construction: all ranks start from identical weights.
     seed_everything(cfg.seed, cfg.deterministic)
     task = build_task(cfg, env)
     model = strategy.wrap(task.model, task.units(task.model))
-    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay, task.is_head)
+    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay, task.is_head,
+                                say=lambda msg: print(msg, flush=True) if env.is_main else None)
     train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                                     task.random_samples, task.batch_transform, task.ra_reps)
+                                                     task.random_samples, task.batch_transform, task.ra_reps,
+                                                     task.lengths)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
@@ -148,7 +159,7 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) ->
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, ema) or state
+    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, sampler, ema) or state
     if state.best_metric != cfg.best_metric:  # resumed with another best_metric: best.pt is chosen afresh
         state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
     logger = RunLogger(cfg.output_dir, env, cfg.progress)
@@ -156,8 +167,26 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest) ->
         logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.8g} (ema.decay={cfg.ema.decay} "
                      f"adjusted for {env.world_size} x {cfg.batch_size * cfg.grad_accum_steps} x {ema.steps} / "
                      f"{cfg.epochs} epochs)")
-    return Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
-                   steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), ema)
+    t = Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
+                steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), ema, heartbeat,
+                timing=TimingWatch(cfg.num_workers),
+                profiler=Profiler(cfg.output_dir, env.rank, cfg.profile.start_step, cfg.profile.steps,
+                                  cfg.profile.cuda_memory))
+    t.flops_per_sample = count_flops(t)
+    return t
+
+
+def count_flops(t: Trainer) -> float:
+    """Training FLOPs per sample, from one forward over the first validation samples (0 if not countable)."""
+    samples = min(t.cfg.batch_size, len(t.task.val_set))
+    batch = to_device(t.val_loader.collate_fn([t.task.val_set[i] for i in range(samples)]), t.env.device)
+    try:
+        with autocast_context(t.env.device, t.cfg.precision):
+            return flops_per_sample(t.strategy.eval_model(), t.task.train_loss, batch, samples)
+    except Exception as e:  # noqa: BLE001 - an operator the counter does not know: report, don't fail
+        t.logger.print(f"model FLOPs not counted ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                       "no TFLOP/s in the train records")
+        return 0.0
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -211,9 +240,15 @@ def train_one_epoch(t: Trainer) -> None:
     speed = Throughput()
     autocast = autocast_context(env.device, cfg.precision)
     micro = 0
+    t.heartbeat.enter("data", state.step + 1)  # the step in progress, 1-based
+    t.clock.restart()
     for batch in t.train_loader:
+        t.clock.batch_arrived()
         micro += 1
         last_micro = micro % cfg.grad_accum_steps == 0
+        if micro % cfg.grad_accum_steps == 1 or cfg.grad_accum_steps == 1:
+            t.profiler.before_step(state.step + 1)
+        t.heartbeat.enter("forward/backward")
         batch = to_device(batch, env.device)
         with t.strategy.no_sync(skip=not last_micro):
             with autocast:
@@ -221,7 +256,10 @@ def train_one_epoch(t: Trainer) -> None:
             t.scaler.scale(loss / cfg.grad_accum_steps).backward()
         loss_sum[0] += loss.detach().double() / cfg.grad_accum_steps
         if not last_micro:
+            t.clock.micro_step_done()
+            t.heartbeat.enter("data")
             continue
+        t.heartbeat.enter("optimizer")
         optimizer_step(t)
         loss_sum[1] += 1
         state.step += 1
@@ -229,6 +267,8 @@ def train_one_epoch(t: Trainer) -> None:
             t.ema.after_step(state.step)
         state.samples_in_epoch += samples_per_step
         speed.samples += samples_per_step
+        t.clock.step_done()
+        t.profiler.after_step(state.step)
         t.logger.step_done()
         log_step = state.step % cfg.log_every == 0
         if log_step or not t.nonfinite.deferred:
@@ -242,6 +282,8 @@ def train_one_epoch(t: Trainer) -> None:
             stop_after_save(t)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             save(t, None)
+            t.clock.restart()  # the save is not data wait
+        t.heartbeat.enter("data", state.step + 1)
     else:  # the epoch ran to its end
         state.epoch += 1
         state.samples_in_epoch = 0
@@ -289,16 +331,26 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def log_train(t: Trainer, loss_sum: torch.Tensor, speed: Throughput) -> None:
-    """Global mean loss over the window (one small all-reduce, only at log steps)."""
-    reduced = all_reduce_sum(loss_sum.clone(), t.env)  # (sum of losses, count) over ranks and steps
-    t.logger.record({
+    """The window's global mean loss and every rank's timing: one small all-gather, only at log steps."""
+    rows = gather_floats([*loss_sum.tolist(), *t.clock.take_window()], t.env)  # per rank: loss sum, steps, timing
+    timing, warnings = t.timing.record([row[2:] for row in rows])
+    rate = speed.rate()
+    record = {
         "kind": "train",
         "epoch": t.state.epoch,
         "step": t.state.step,
-        "loss": reduced[0].item() / max(reduced[1].item(), 1.0),
+        "loss": sum(row[0] for row in rows) / max(sum(row[1] for row in rows), 1.0),
         "lr": t.optimizer.param_groups[0]["lr"],
-        "samples_per_sec": speed.rate(),
-    }, t.state.step)
+        "samples_per_sec": rate,
+        **timing,
+    }
+    if t.flops_per_sample:  # achieved per device: what MFU compares with the device's peak
+        record["tflops_per_device"] = t.flops_per_sample * rate / t.env.world_size / 1e12
+        if t.cfg.peak_tflops:
+            record["mfu"] = record["tflops_per_device"] / t.cfg.peak_tflops
+    t.logger.record(record, t.state.step)
+    for warning in warnings:
+        t.logger.print(warning)
     loss_sum.zero_()
     speed.reset()
 
@@ -326,6 +378,7 @@ def log_memory(t: Trainer) -> None:
 def eval_totals(t: Trainer) -> dict[str, Any]:
     """The workload's evaluation sums over the whole validation set, added over the ranks: exact whatever the
     world size. Scalars come back as floats, other shapes (a confusion matrix) as CPU tensors."""
+    t.heartbeat.enter("evaluation")
     model = t.strategy.eval_model()
     model.eval()
     autocast = autocast_context(t.env.device, t.cfg.precision)
@@ -339,6 +392,7 @@ def eval_totals(t: Trainer) -> dict[str, Any]:
         batch = to_device(next(loader) if i < mine else padding_batch(t), t.env.device)
         with autocast:
             sums = t.task.eval_sums(model, batch)
+        t.heartbeat.tick()
         if i >= mine:
             continue
         for key, value in sums.items():  # accumulate on the device: no host sync per batch
@@ -386,6 +440,7 @@ def save(t: Trainer, score: float | None) -> None:
     runs ahead (or exits) until the checkpoint is in place, and a failure anywhere stops every rank.
     `score` is this save's value of best_metric (None when it was not evaluated)."""
     t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
+    t.heartbeat.enter("checkpoint")
     state, env = t.state, t.env
     is_best = score is not None and score > state.best_accuracy
     if is_best:
@@ -421,7 +476,7 @@ def save(t: Trainer, score: float | None) -> None:
 
 
 def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler, scaler,
-            ema: ModelEMA | None) -> TrainState | None:
+            sampler: ResumableSampler, ema: ModelEMA | None) -> TrainState | None:
     """Load the checkpoint named by cfg.resume (either kind, from any mode) into the wrapped model."""
     checkpoint = find_checkpoint(cfg, env)
     if checkpoint is None:
@@ -437,15 +492,17 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
         if has_ema:
             tensors["ema"] = ema.tensors
         ckpt.load_sharded_tensors(checkpoint, tensors)  # into this rank's own tensors (the EMA's too)
-        strategy.load_state_dicts(optimizer, *ckpt.join_tensors(tensors, data), whole=False)
+        model_state, optim_state = ckpt.join_tensors(tensors, data)
+        strategy.load_state_dicts(optimizer, model_state, keep_implementation(optimizer, optim_state), whole=False)
     elif data["format_version"] == 1:  # optimizer state by parameter position: only into the same layout
         if strategy.sharded:
             raise UserError(f"checkpoint {path} has the old format 1, which mode=fsdp cannot read: resume it "
                             "once in another mode (its next save has the current format)")
         strategy.raw_model.load_state_dict(data["model"])
-        optimizer.load_state_dict(data["optimizer"])
+        optimizer.load_state_dict(keep_implementation(optimizer, data["optimizer"]))
     else:
-        strategy.load_state_dicts(optimizer, data["model"], data["optimizer"], whole=True)
+        strategy.load_state_dicts(optimizer, data["model"], keep_implementation(optimizer, data["optimizer"]),
+                                  whole=True)
     if has_ema:
         if not checkpoint.sharded:  # a sharded checkpoint's EMA was read with the other tensors
             ema.load_whole(data["ema"])
@@ -462,6 +519,9 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
     elif state.samples_in_epoch % env.world_size:
         raise UserError(f"checkpoint {path} stopped mid-epoch after {state.samples_in_epoch} samples, which "
                         f"{env.world_size} processes cannot split evenly; resume with {state.world_size} processes")
+    problem = sampler.resume_problem(state.world_size, data["config"]["batch_size"])
+    if state.samples_in_epoch and problem:
+        raise UserError(f"checkpoint {path} stopped mid-epoch: {problem}")
     if env.is_main:
         print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
     return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,9 +74,18 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         kind = record["kind"]
         for key, value in record.items():
-            if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
+            if key in ("kind", "epoch", "step"):
+                continue
+            if isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
+            elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                # one value per rank: the spread, which stays three curves at any world size
+                for name, stat in (("min", min(value)), ("median", statistics.median(value)), ("max", max(value))):
+                    self.tb.add_scalar(f"{kind}/{key}/{name}", stat, step)
         self.print(_format(record))
+        if "per_class" in record:
+            for line in _per_class_lines(record["per_class"]):
+                self.print(line)
 
     def confusion(self, kind: str, step: int, classes: list[str], matrix: list[list[int]]) -> None:
         """Rank 0: one evaluation's confusion matrix (rows: true class, columns: predicted class) to
@@ -98,7 +108,7 @@ class RunLogger:
     def print(self, line: str) -> None:
         if not self.env.is_main:
             return
-        if self.bar is not None and not line.startswith("eval"):
+        if self.bar is not None and not line.startswith(("eval", "  ")):  # train lines: the bar's postfix
             self.bar.set_postfix_str(line.split(" ", 3)[-1], refresh=True)
         elif self.bar is not None:
             self.bar.write(line)
@@ -117,11 +127,27 @@ def _format(record: dict[str, Any]) -> str:
     for key, value in record.items():
         if key == "kind" or isinstance(value, dict):
             continue
-        if isinstance(value, list):
+        if isinstance(value, list) and len(value) <= 4:  # one value per rank
             parts.append(f"{key} {'/'.join(f'{v:g}' for v in value)}")
+            continue
+        if isinstance(value, list):  # many ranks: the range
+            parts.append(f"{key} {min(value):g}..{max(value):g}")
             continue
         parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " ".join(parts)
+
+
+def _per_class_lines(per_class: dict[str, list], most: int = 20) -> list[str]:
+    """A small table of each class's precision, recall, F1 and support (up to `most` classes; more
+    would flood the console: they are in metrics.jsonl and confusion/)."""
+    count = len(per_class["support"])
+    if count > most:
+        return [f"  per-class precision/recall/F1 of {count} classes: metrics.jsonl and confusion/"]
+    lines = [f"  {'class':>5} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
+    for c, (p, r, f, n) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["f1"],
+                                         per_class["support"])):
+        lines.append(f"  {c:>5} {p:>9.4f} {r:>7.4f} {f:>7.4f} {n:>8}")
+    return lines
 
 
 class Throughput:

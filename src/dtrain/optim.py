@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -14,9 +15,14 @@ from dtrain.errors import UserError
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
                     is_no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-                    is_head: Callable[[str], bool] | None = None) -> torch.optim.Optimizer:
+                    is_head: Callable[[str], bool] | None = None,
+                    say: Callable[[str], None] = print) -> torch.optim.Optimizer:
     """Biases and norm weights (1-d tensors) get no weight decay unless cfg.decay_norm_and_bias; with
-    cfg.backbone_lr_scale != 1, parameters outside the classifier head get lr x that scale (fine-tuning)."""
+    cfg.backbone_lr_scale != 1, parameters outside the classifier head get lr x that scale (fine-tuning).
+
+    cfg.fused: the fused step where every parameter's device and dtype has the kernels, else torch's
+    default implementation (foreach on CUDA, a per-tensor loop on the CPU), said once through `say`.
+    """
     is_no_decay = is_no_decay or (lambda name, p: p.ndim <= 1)
     if cfg.backbone_lr_scale != 1.0 and is_head is None:
         raise UserError("optim.backbone_lr_scale needs a workload that names its classifier head (workload=image)")
@@ -32,14 +38,55 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
     groups = [{"params": by_kind.get(key, []), "weight_decay": cfg.weight_decay if key[0] else 0.0,
                "lr": cfg.lr * (cfg.backbone_lr_scale if key[1] else 1.0)}
               for key in order if key in by_kind or not key[1]]
-    fused = True if cfg.fused else None  # None: torch picks its default (foreach)
+    fused = None  # torch's default implementation
+    if cfg.fused:
+        kinds = set((p.device, p.dtype, getattr(p, "device_mesh", None)) for ps in by_kind.values() for p in ps)
+        missing = next((kind for kind in sorted(kinds, key=str) if not fused_step_works(cfg.name, *kind)), None)
+        if missing is None:
+            fused = True
+        else:
+            sharded = " sharded" if missing[2] is not None else ""
+            say(f"optim: no fused {cfg.name} step for{sharded} {missing[1]} parameters on {missing[0]}; using torch's "
+                "default implementation")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+@functools.cache
+def fused_step_works(name: str, device: torch.device, dtype: torch.dtype, mesh=None) -> bool:
+    """Whether this torch build steps a fused SGD/AdamW on a parameter of this device and dtype.
+
+    torch checks only at the first step (a RuntimeError mid-run), so one step on a one-element
+    parameter finds out before training starts. FSDP's parameters are DTensors on `mesh`, whose
+    ops need a sharding rule of their own (torch 2.14 has one for fused AdamW, none for fused SGD);
+    a replicated one-element DTensor asks that without any communication.
+    """
+    probe = torch.zeros(1, device=device, dtype=dtype)
+    if mesh is not None:
+        from torch.distributed.tensor import DTensor, Replicate
+        probe = DTensor.from_local(probe, mesh, [Replicate()], run_check=False)
+    probe.requires_grad_(True)
+    probe.grad = torch.zeros_like(probe)
+    optimizer = torch.optim.SGD([probe], lr=0.1, momentum=0.9, fused=True) if name == "sgd" else \
+        torch.optim.AdamW([probe], lr=0.1, fused=True)
     try:
-        if cfg.name == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
-    except RuntimeError as e:  # e.g. parameters on a device without fused kernels
-        raise UserError(f"optim.fused=true is not available here ({str(e).splitlines()[0]}); "
-                        "set optim.fused=false") from None
+        optimizer.step()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A checkpoint's optimizer state with this run's implementation (fused or torch's default) in its groups.
+
+    Loading takes every group setting from the checkpoint, "fused" and "foreach" included: a
+    checkpoint written with optim.fused=false would switch the fused kernels off, and one written
+    where they exist would fail at the first step on a device without them. Setting them before the
+    load also places the step counters where this implementation keeps them.
+    """
+    ours = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    return {**state, "param_groups": [{**saved, **mine} for saved, mine in zip(state["param_groups"], ours)]}
 
 
 def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -216,6 +217,9 @@ class FSDP(Strategy):
         for unit in units:
             fully_shard(unit, mp_policy=policy, reshard_after_forward=fsdp.reshard_after_forward,
                         offload_policy=offload)
+        # torch warns when the root returns a view (SqueezeNet's flatten) because an in-place op on
+        # it would skip the pre-backward hook; the loop's loss only reads the output.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         # The root's parameters (embeddings, head) are needed again at once when backward starts.
         fully_shard(model, mp_policy=policy, reshard_after_forward=False, offload_policy=offload)
         self.norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

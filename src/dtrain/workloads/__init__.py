@@ -8,7 +8,7 @@ reduced sums into metrics with ``summarize``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,10 @@ class Task:
     ra_reps: int = 1
     # reduced sums -> (class names, confusion matrix: rows are true classes, columns predictions); None = none
     confusion: Callable[[dict[str, Any]], tuple[list[str], list[list[int]]]] | None = None
+    # (train, validation) size of every sample, e.g. its token count: training batches are drawn from
+    # samples of similar size and evaluation walks them in size order (data.LengthGroupedSampler);
+    # None = uniformly random batches
+    lengths: tuple[Sequence[int], Sequence[int]] | None = None
 
 
 def build_task(cfg, env) -> Task:

@@ -5,7 +5,8 @@
 
 Data: csv/tsv/json/jsonl/parquet files with one or two text columns and a label column (an id, a
 name, or for multi_label a list of them). Rank 0 parses and tokenizes first; the other ranks then
-load the same result from the `datasets` cache. Batches are padded per batch (dynamic padding).
+load the same result from the `datasets` cache. Batches are padded per batch (dynamic padding), and
+with data.group_by_length (the default) they hold examples of similar length, so little is padded.
 transformers and datasets are imported inside functions, so the image workload never pays for them.
 """
 
@@ -98,6 +99,7 @@ def build(cfg: Config, env: DistEnv) -> Task:
         export=export if model_cfg.export_pretrained else None,
         is_no_decay=is_no_decay,
         units=encoder_layers,
+        lengths=(token_counts(data.train), token_counts(data.val)) if cfg.data.group_by_length else None,
     )
 
 
@@ -472,6 +474,13 @@ def tokenize(ds, tokenizer, space: LabelSpace, cfg: Config):
     key = fingerprint(ds, "tokenize", tokenizer_signature(tokenizer), max_length, list(data.text_columns),
                       data.label_column, data.label_separator, space.names, space.kind, space.multi)
     return ds.map(encode, batched=True, remove_columns=ds.column_names, new_fingerprint=key)
+
+
+def token_counts(ds) -> list[int]:
+    """Tokens per example, read from the Arrow column (no Python lists of token ids are built)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_pylist()
 
 
 def tokenizer_signature(tokenizer) -> list:
