@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -237,11 +238,25 @@ def machine_stamp(info: dict[str, Any] | None = None) -> str:
 
 
 def write_json(results_dir: Path, name: str, payload: dict[str, Any]) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.json"
+    """A dated, machine-stamped result: <date>-<name>.json (every figure) and <date>-<name>.md (the
+    command and the table). Full runs go to bench/results/ and are committed; --quick smoke runs to
+    bench/results/quick/ (ignored by git)."""
+    folder = results_dir / "quick" if name.endswith("-quick") else results_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    date = payload.get("machine", {}).get("date", datetime.date.today().isoformat())[:10]
+    path = folder / f"{date}-{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
+    command = " ".join(["python", *(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])])
+    path.with_suffix(".md").write_text(f"# {name} ({date})\n\n`{command}`\n\n{payload.get('table', '').strip()}\n")
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} (+ .md)", flush=True)
     return path
+
+
+def latest_result(results_dir: Path, name: str) -> Path | None:
+    """The newest <date>-<name>.json (dates sort as text)."""
+    folder = results_dir / "quick" if name.endswith("-quick") else results_dir
+    found = sorted(folder.glob(f"????-??-??-{name}.json"))
+    return found[-1] if found else None
 
 
 def fresh_dir(path: Path) -> Path:

@@ -5,7 +5,7 @@
     python bench/run_all.py --device cuda    # GPU mode of all three (scaling needs 2+ GPUs)
 
 Each script also runs on its own (see bench/README.md). The tables go to the terminal and, together,
-to bench/results/report-<device>.md; every script's full figures are in its JSON file there.
+to bench/results/<date>-report-<device>.md; every script's full figures are in its dated JSON file there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BENCH, DEFAULT_RESULTS, ROOT, machine_info
+from common import BENCH, DEFAULT_RESULTS, ROOT, latest_result, machine_info
 from scaling import gpu_count
 
 SCRIPTS = ("overhead", "scaling", "trainer")
@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     minutes = (time.perf_counter() - began) / 60
     report = [f"# Benchmarks ({suffix}), {minutes:.1f} min", "", f"machine: {json.dumps(machine_info())}"]
     for name in SCRIPTS:
-        path = args.results / f"{name}-{suffix}.json"
-        if path.is_file() and name not in failed:
+        path = latest_result(args.results, f"{name}-{suffix}")
+        if path is not None and name not in failed:
             report += ["", f"## {name}", "```", json.loads(path.read_text())["table"].strip(), "```"]
-    out = args.results / f"report-{suffix}.md"
+    out = args.results / ("quick" if args.quick else "") / f"{machine_info()['date'][:10]}-report-{suffix}.md"
     out.write_text("\n".join(report) + "\n")
     print("\n" + "\n".join(report[4:]).replace("```\n", "").replace("\n```", ""))
     print(f"\nall benchmarks: {minutes:.1f} min; tables in {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
