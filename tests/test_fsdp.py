@@ -54,8 +54,9 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("split", [["batch_size=4"], ["batch_size=2", "grad_accum_steps=2"]],
-                         ids=["half-batch", "accumulation"])
+@pytest.mark.parametrize("split", [["batch_size=4"], ["batch_size=2", "grad_accum_steps=2"],
+                                   ["batch_size=4", "channels_last=true"]],
+                         ids=["half-batch", "accumulation", "channels-last"])
 def test_two_ranks_match_one_process_and_evaluate_every_sample_once(reference, tmp_path, split):
     proc = run_torchrun([*SYNTH, *split, "max_steps=8", "mode=fsdp", f"output_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr

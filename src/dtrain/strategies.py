@@ -200,6 +200,12 @@ class FSDP(Strategy):
         if fsdp.cpu_offload and self.env.device.type != "cuda":
             raise UserError("fsdp.cpu_offload=true needs GPUs: on the CPU the parameters are in CPU memory already")
         model = self.sync_batch_norm(model.to(self.env.device))
+        # FSDP2 shards only contiguous parameters, and channels_last gives conv weights NHWC strides:
+        # they go back to contiguous. The inputs stay channels_last, which is what makes cuDNN pick
+        # its NHWC kernels (on an H200, fully_shard raised NotImplementedError otherwise).
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
         if self.cfg.activation_checkpointing:
             checkpoint_activations(units)
         param_dtype, reduce_dtype = DTYPES[fsdp.param_dtype], DTYPES[fsdp.reduce_dtype]
