@@ -71,6 +71,8 @@ class NonfiniteWatch:
         self.first_bad = torch.tensor(-1, dtype=torch.int64, device=device)
 
     def record(self, grad_norm: torch.Tensor, step: int) -> None:
+        # The norm is on the CPU where the gradients are (fsdp.cpu_offload): the record stays on the device.
+        grad_norm = grad_norm.to(self.first_bad.device, non_blocking=True)
         newly_bad = torch.logical_and(~torch.isfinite(grad_norm), self.first_bad < 0)
         self.first_bad = torch.where(newly_bad, step, self.first_bad)
 
