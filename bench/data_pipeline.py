@@ -14,7 +14,7 @@ page cache). Model: train.py with the same preset on synthetic images of the tra
 work), its steady-state samples/s. Every measurement is a fresh process; the cases alternate over repetitions
 and the table gives medians (min-max). Generated images are 500x375 JPEGs (quality 90, about ImageNet's mean
 size).
-Writes bench/results/data_pipeline-<device>.json.
+Writes bench/results/<date>-data_pipeline-<device>.json (+ .md).
 """
 
 from __future__ import annotations

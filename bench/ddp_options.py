@@ -10,7 +10,7 @@ through the variants, the order reversed every round: every variant sees the sam
 "all-reduce skipped" (the first variant's copy, no_sync around forward and backward) is the floor: the
 step without communication.
 A variant is a label and the project's ddp.* config keys (see `python train.py --help`).
-Writes bench/results/ddp-options-<device>.json.
+Writes bench/results/<date>-ddp-options-<device>.json (+ .md).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Each mode runs a few AdamW steps of `train.py` under torchrun on a bert-base-siz
 parameters, random weights from a config, MiniLM's uncased vocabulary: nothing is downloaded). The
 figures come from the run's own memory records: the bytes of each rank's own tensors (its shard
 under FSDP) and the process's peak resident memory (peak CUDA memory on GPUs). Writes
-bench/results/memory-<device>.json.
+bench/results/<date>-memory-<device>.json (+ .md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 Each repetition runs both sides as fresh processes, alternating which goes first; the throughput of
 one run is its steady-state samples/s (warm-up windows dropped). The table gives the median over
 repetitions with the range, and the ratio project / hand-written (target >= 0.97).
-Writes bench/results/overhead-<device>.json.
+Writes bench/results/<date>-overhead-<device>.json (+ .md).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
 
 def published_table(rows: list[dict]) -> str:
-    """GPU mode: the project's per-GPU throughput next to the published figures (shared/docs/FACTS.md)."""
+    """GPU mode: the project's per-GPU throughput next to NVIDIA's and timm's published figures (PUBLISHED)."""
     lines = []
     for r in rows:
         keys = ["resnet50", "resnet50_tf32", "resnet50_3090"] if r["workload"] == "image" else ["bert_large_squad"]

@@ -17,7 +17,7 @@ N at once). bench/breakdown.py then times each phase of a step on every rank fiv
 independent; N in lock-step without DDP; DDP with the all-reduce skipped; DDP: the last two alternate
 step by step within one run), so each loss of efficiency has a name. The loop's per-epoch memory records (peak RSS per rank; peak CUDA memory on
 GPUs) show 1 vs N processes and any growth after the first epoch (target < 3%).
-Writes bench/results/scaling-<device>.json.
+Writes bench/results/<date>-scaling-<device>.json (+ .md).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def scaling_case(args, nproc: int) -> ImageCase:
                          workers=max(1, min(8, cores // nproc - 1)), precision="bf16", channels_last=True,
                          device="cuda", num_classes=1000)
     else:
-        # One thread per process, so that 2 processes fit 2 cores (FACTS: 2 DDP processes, 1 thread each).
+        # One thread per process, so that 2 DDP processes fit a 2-core machine: a 2-thread team on a shared CPU
+        # stalls whenever another job takes one of its cores.
         case = ImageCase(image_size=64, batch=32, steps=6, epochs=4, log_every=2, warmup_windows=2,
                          threads=args.threads or 1, workers=0)
     if args.quick:

@@ -18,7 +18,7 @@ process, the same thread count. Four sides, their order rotated every repetition
 
 Reports steady-state sequences/s (median over windows after warm-up, then median (min-max) over
 repetitions), the two ratios project / Trainer, and pad tokens per sample of each side. Writes
-bench/results/trainer-<device>.json.
+bench/results/<date>-trainer-<device>.json (+ .md).
 """
 
 from __future__ import annotations

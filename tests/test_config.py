@@ -133,9 +133,3 @@ def test_unreadable_config_files_are_one_line_with_the_place(tmp_path, content, 
     proc = run_train(["--config", str(path)])
     assert proc.returncode == 2
     assert_one_clear_error(proc, str(path), *needles)
-
-
-def test_readme_documents_every_key():
-    readme = (ROOT / "README.md").read_text()
-    missing = [key for key, _ in every_key() if f"`{key}`" not in readme]
-    assert not missing, f"README.md does not document: {missing}"

@@ -508,29 +508,66 @@ def help_text() -> str:
 MARKDOWN_INTRO = """\
 # Configuration
 
-Every key, with its type, default and meaning. This page is generated from the config dataclasses'
-own help texts (`src/dtrain/config.py`) by `python -m dtrain.config --markdown > docs/configuration.md`;
-a test fails when it is stale. `python train.py --help` prints the same.
+Every key, with its type, default and meaning. This page is generated from the help texts of the
+config dataclasses in `src/dtrain/config.py`; regenerate it after changing them:
+
+```bash
+python -m dtrain.config --markdown > docs/configuration.md
+```
+
+`tests/test_docs.py` fails when the page is stale. `python train.py --help` prints the same keys.
 
 Keys are set in a YAML preset (`--config configs/...yaml`; sections as nested mappings) and
 overridden on the command line as `key=value` (nested keys dotted: `optim.lr=0.05`); the command line
 wins. The config is closed: an unknown key, a value of the wrong type or out of range is one
 `error:` line naming the key, exit code 2. Lists are written `a,b` or `[a, b]`. The `model` and
-`data` sections depend on `workload`. The resolved config is saved as `<output_dir>/config.yaml`.
+`data` sections depend on `workload`. The resolved config is saved as `<output_dir>/config.yaml`
+and in every checkpoint.
+
+What the keys do in context: [execution modes](modes.md), [checkpoints and failures](checkpoints.md),
+[image workload](image.md), [BERT workload](bert.md), [observability](observability.md),
+[performance switches](performance.md#switches-to-use-on-gpus).
 """
 
 
 def markdown() -> str:
-    """docs/configuration.md: one table per group of keys."""
-    lines = [MARKDOWN_INTRO]
-    for title, prefix, cls in key_groups():
-        lines += [f"## {title.strip('[]') if prefix else 'Top level'}", "", "| key | type | default | meaning |",
-                  "|---|---|---|---|"]
+    """docs/configuration.md: a contents line, then one table per group of keys."""
+    groups = [(_markdown_title(title, prefix), prefix, cls) for title, prefix, cls in key_groups()]
+    contents = ", ".join(f"[{title}](#{_slug(title)})" for title, _, _ in groups)
+    lines = [MARKDOWN_INTRO, f"Sections: {contents}.", ""]
+    for title, prefix, cls in groups:
+        lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, type_name, default, help in keys_of(cls, prefix):
-            cell = type_name.replace("|", " \\| ")
-            lines.append(f"| `{key}` | {cell} | `{default!r}` | {help.replace('|', chr(92) + '|')} |")
+            cells = [f"`{key}`", type_name.replace("|", " | "), f"`{_default_text(default)}`", help]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _markdown_title(title: str, prefix: str) -> str:
+    """'[model] for workload=image' -> 'model (workload: image)'; the top level has no prefix."""
+    if not prefix:
+        return "Top level"
+    section, _, workload = title.partition(" for workload=")
+    section = section.strip("[]")
+    return f"{section} (workload: {workload})" if workload else section
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped (not - or _), spaces to hyphens."""
+    kept = "".join(c for c in heading.lower() if c.isalnum() or c in "-_ ")
+    return kept.replace(" ", "-")
+
+
+def _default_text(value: Any) -> str:
+    """A default as it is written in YAML or after key= (true, not True; '' for an empty string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    if value == "":
+        return "''"
+    return str(value)
 
 
 def _type_name(typ: Any) -> str:

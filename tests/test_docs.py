@@ -1,0 +1,110 @@
+"""The docs cannot drift: the config reference is generated, every relative link resolves, the README stays short.
+
+No shared helpers: this file reads Markdown and runs one `python -m dtrain.config --markdown`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOCS]
+README_MAX_LINES = 250
+REGENERATE = "python -m dtrain.config --markdown > docs/configuration.md"
+
+FENCE = re.compile(r"^\s*(```|~~~)")
+INLINE_CODE = re.compile(r"(`+).*?\1")
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks (a `# comment` in a bash block is not a heading)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        lines.append("" if fenced else line)
+    return lines
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped but hyphens, underscores and spaces kept,
+    spaces to hyphens. Links keep their text; backticks and emphasis marks are punctuation."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
+    text = "".join(c for c in text if c.isalnum() or c in "-_ ")
+    return text.replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading's anchor in a Markdown text; repeated headings get -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in prose_lines(text):
+        m = HEADING.match(line)
+        if not m:
+            continue
+        base = slug(m.group(2))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def relative_links(text: str) -> list[str]:
+    """Link targets in prose (not in code) that are neither absolute URLs nor mail addresses."""
+    targets = []
+    for line in prose_lines(text):
+        for m in LINK.finditer(INLINE_CODE.sub("", line)):
+            target = m.group(1)
+            if not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+                targets.append(target)
+    return targets
+
+
+def test_configuration_page_is_generated_from_the_config():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "dtrain.config", "--markdown"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    page = ROOT / "docs" / "configuration.md"
+    assert page.exists(), f"docs/configuration.md is missing; generate it: {REGENERATE}"
+    assert page.read_text() == done.stdout, f"docs/configuration.md is stale; regenerate it: {REGENERATE}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in relative_links(page.read_text()):
+        file_part, _, anchor = target.partition("#")
+        dest = (page.parent / file_part).resolve() if file_part else page
+        if not dest.exists():
+            broken.append(f"{target}: no file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+            broken.append(f"{target}: no heading with the anchor #{anchor} in {dest.relative_to(ROOT)}")
+    assert not broken, f"{page.relative_to(ROOT)} has broken links:\n" + "\n".join(broken)
+
+
+def test_readme_is_a_short_map():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines, at most {README_MAX_LINES}: "
+                                       "move the detail to a page under docs/ and link it")
+
+
+def test_the_link_checker_itself():
+    assert slug("SyncBatchNorm (`sync_bn=true`)") == "syncbatchnorm-sync_bntrue"
+    assert slug("dtrain — one `train.py` for one CPU") == "dtrain--one-trainpy-for-one-cpu"
+    assert slug("Sharded: `mode=fsdp` (FSDP2)") == "sharded-modefsdp-fsdp2"
+    assert slug("See [Slurm](slurm.md) first") == "see-slurm-first"
+    text = "[a](x.md#y) `[b](not-a-link.md)` [c](https://example.com) [d](#local)\n```\n# e\n[e](in-code.md)\n```\n"
+    assert relative_links(text) == ["x.md#y", "#local"]
+    assert anchors("# Setup\n## Setup\n```\n# not a heading\n```\n### `nproc=N`: local\n") == {
+        "setup", "setup-1", "nprocn-local"}
