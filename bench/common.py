@@ -55,6 +55,15 @@ def child_env(threads: int, **extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous that is not torchrun's own)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def python_cmd(script: Path | str, args: Sequence[str]) -> list[str]:
     return [sys.executable, str(script), *args]
 

@@ -18,37 +18,20 @@ import collections
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "train.py"
+from common import ROOT, TRAIN, child_env, free_port
+
 # A few DDP steps of a small model on synthetic images, with an evaluation and a checkpoint: every
 # collective the loop uses runs at least once, and the job takes seconds.
 JOB = ["workload=image", "data.synthetic=true", "data.synthetic_train_size=64", "data.synthetic_val_size=16",
        "data.image_size=32", "data.val_crop_ratio=1.0", "data.num_classes=4", "model.arch=squeezenet1_1",
        "num_workers=0", "batch_size=4", "progress=false", "threads=1", "epochs=1", "log_every=2",
        "timeout_s=60"]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_", "SLURM_",
-                 "TORCHELASTIC")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def describe(code: int | None) -> str:
     if code is None:
         return "hung (killed at the time limit)"
@@ -99,7 +82,7 @@ def collect(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int | N
 def run_torchrun(out: Path, case: str, timeout: float) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(TRAIN), *job_args(out, case)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     if case == "stop":
         wait_for_training(out, [proc], timeout)
@@ -121,7 +104,7 @@ def run_ranks(out: Path, case: str, timeout: float) -> tuple[bool, str]:
     port = free_port()
     procs = []
     for rank in range(2):
-        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        env = child_env(1, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(TRAIN), *job_args(out, case)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
