@@ -38,9 +38,15 @@ def _instrumented_save(obj, f, *args, **kwargs):
         f.write(buffer.getvalue()[: buffer.tell() // 2])
         f.flush()
         Path(f"{target}.hanging").touch()
-        while True:
-            time.sleep(1)
+        _block()
     return _original_save(obj, f, *args, **kwargs)
+
+
+def _block() -> None:
+    """Stay here until the test kills this process. A process the test's kill missed (a launcher's worker
+    reparented when the launcher died) must not live on: it leaves after 5 minutes."""
+    time.sleep(300)
+    os._exit(99)
 
 
 torch.save = _instrumented_save
@@ -58,8 +64,7 @@ def _instrumented_dcp_save(state_dict, *args, checkpoint_id=None, **kwargs):
             shard = folder / "__0_0.distcp"
             shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
             Path(f"{folder}.hanging").touch()
-        while True:
-            time.sleep(1)
+        _block()
     return metadata
 
 
