@@ -10,17 +10,30 @@ import pytest
 from helpers import CLUSTER_NEEDS, unmet_need, write_image_folder
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The needs_* markers (pyproject.toml): a test whose need this machine lacks is skipped, before any of
-    its fixtures is set up. Under DTRAIN_REQUIRE_CLUSTER=1 (set by .ci/run) a missing root or Slurm fails
-    the test instead: there those tests must run."""
+# The needs_* markers (pyproject.toml): a test whose need this machine lacks is skipped (reported at the
+# test), none of its fixtures set up. Under DTRAIN_REQUIRE_CLUSTER=1 (set by .ci/run) a missing root or
+# Slurm fails the test instead: there those tests must run.
+
+def unmet(item: pytest.Item) -> tuple[str, bool] | None:
+    """(why this machine cannot run the test, whether that fails it), or None."""
     for marker in item.iter_markers():
         reason = unmet_need(marker)
-        if reason is None:
-            continue
-        if marker.name in CLUSTER_NEEDS and os.environ.get("DTRAIN_REQUIRE_CLUSTER") == "1":
-            pytest.fail(f"DTRAIN_REQUIRE_CLUSTER=1 but: {reason}", pytrace=False)
-        pytest.skip(reason)
+        if reason is not None:
+            return reason, marker.name in CLUSTER_NEEDS and os.environ.get("DTRAIN_REQUIRE_CLUSTER") == "1"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        missing = unmet(item)
+        if missing and not missing[1]:
+            item.add_marker(pytest.mark.skip(reason=missing[0]))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    missing = unmet(item)
+    if missing and missing[1]:
+        pytest.fail(f"DTRAIN_REQUIRE_CLUSTER=1 but: {missing[0]}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
