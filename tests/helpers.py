@@ -52,8 +52,6 @@ MNIST_DEMO_CONFIG = "configs/image/mnist_demo.yaml"
 FAST = ["workload=image", "model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32",
         "data.val_crop_ratio=1.0", "num_workers=0", "batch_size=4", "log_every=1", "progress=false",
         "optim.lr=0.01", "optim.warmup_steps=0", "timeout_s=60"]
-
-
 # squeezenet (no BatchNorm, dropout 0) on synthetic images: exact up to float summation order.
 # 9 validation images in batches of 2 over 2 ranks: 3 batches on rank 0, 2 on rank 1 (one padding batch).
 SYNTH = [*FAST, "data.synthetic=true", "data.synthetic_train_size=96", "data.synthetic_val_size=9",

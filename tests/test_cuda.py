@@ -15,10 +15,10 @@ SYNTHETIC = [*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "data
 def test_one_gpu_trains_and_reports_cuda_memory(tmp_path):
     proc = run_train([*SYNTHETIC, f"output_dir={tmp_path}", "mode=auto"])
     assert proc.returncode == 0, proc.stderr
-    records = read_metrics(tmp_path)
-    memory = [r for r in records if r["kind"] == "memory"][0]
+    metrics = read_metrics(tmp_path)
+    memory = [r for r in metrics if r["kind"] == "memory"][0]
     assert memory["peak_cuda_mb"][0] > 0
-    assert [r["samples"] for r in records if r["kind"] == "eval"] == [9]
+    assert [r["samples"] for r in metrics if r["kind"] == "eval"] == [9]
 
 
 @pytest.mark.needs_2_gpus

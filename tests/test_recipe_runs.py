@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from helpers import (PATCHED_TRAIN, ROOT, kill_session, losses, read_checkpoint, read_metrics, records, run_torchrun,

@@ -18,9 +18,9 @@ def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
     assert (out / "config.yaml").is_file()
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", "best.pt", "step_00000012.pt"}
-    records = read_metrics(out)
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    metrics = read_metrics(out)
+    train = [r for r in metrics if r["kind"] == "train"]
+    evals = [r for r in metrics if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 13))  # 24 images / batch 4 = 6 steps per epoch
     assert set(train[0]) == {"kind", "epoch", "step", "loss", "lr", "samples_per_sec", "tflops_per_device",
                              "data_ms", "compute_ms", "step_ms", "step_ms_max", "slowest_rank", "slowest_behind"}
@@ -31,7 +31,7 @@ def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
                         proc.stdout, re.M)
     assert [[int(row.split()[-1]) for row in table.splitlines()] for table in tables] == [[3, 2, 2]] * 2, proc.stdout
     assert [e["per_class"]["support"] for e in evals] == [[3, 2, 2]] * 2
-    memory = [r for r in records if r["kind"] == "memory"]
+    memory = [r for r in metrics if r["kind"] == "memory"]
     assert memory and memory[0]["peak_rss_mb"][0] > 50
     last = read_checkpoint(out)
     assert not any(k.startswith("module.") for k in last["model"])
