@@ -1,17 +1,10 @@
-"""Tiny BERT models, vocabularies and text files for tests/test_bert.py, and a way to run train.py."""
+"""Tiny BERT models, vocabularies and text files for tests/test_bert.py (running train.py: helpers.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
-
-from conftest import finish, run_bounded, start_ranks, without_launcher_vars
-
-REPO = Path(__file__).resolve().parents[1]
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak"]
@@ -95,33 +88,3 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def clean_env() -> dict[str, str]:
-    """The test's environment without launcher variables (a test may itself run under torchrun or srun)."""
-    return {**without_launcher_vars(os.environ), "PYTHONUNBUFFERED": "1"}
-
-
-def run_train(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    """train.py in a subprocess: plain python, or the real torchrun with `nproc` CPU processes (gloo)."""
-    if nproc == 1:
-        cmd = [sys.executable, "train.py", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train.py", *args]
-    return run_bounded(cmd, timeout, clean_env(), cwd=REPO)
-
-
-def run_ranks(args: list[str], world_size: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """One train.py process per rank and no supervisor (as under srun): torchrun kills the other workers
-    when one fails, which would hide a rank left waiting at a barrier; here every rank has to finish by
-    itself before the timeout."""
-    return finish(start_ranks(args, world_size), timeout=timeout)
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def eval_records(output_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(output_dir) if r["kind"] == "eval"]

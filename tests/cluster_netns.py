@@ -15,6 +15,9 @@ name), and tearing down waits until the kernel has really removed each of them: 
 namespace frees its veth pairs asynchronously, so a next set that reused the names could find
 them still there. A lock file serialises concurrent test sessions; the leftovers of a crashed
 session are removed (and waited for) before new hosts are made.
+
+Tests that make hosts are marked `needs_root(*helpers.NETNS_TOOLS)` (or needs_slurm): they are skipped,
+or failed under DTRAIN_REQUIRE_CLUSTER=1, where this machine cannot make them.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-import shutil
 import signal
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers import kill_session, run_bounded, start_command, wait_until
 
 PREFIX = "10.200.0"
 BRIDGE_ADDR = f"{PREFIX}.254"
@@ -50,18 +56,11 @@ class Host:
                 "sh", "-c", setup, "on-host", str(self.hosts_file), self.name, *argv]
 
 
-def unavailable_reason() -> str | None:
-    """Why namespace hosts cannot be made here, or None."""
-    if os.geteuid() != 0:
-        return "multi-node tests need root (network namespaces, a bridge, bind mounts)"
-    missing = [tool for tool in ("ip", "nsenter", "unshare", "mount") if shutil.which(tool) is None]
-    if missing:
-        return f"multi-node tests need {', '.join(missing)} (apt-get install iproute2 util-linux mount)"
-    return None
-
-
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
+    done = run_bounded(["ip", *args], 30)
+    if check:
+        done.check_returncode()
+    return done
 
 
 class SessionLock:
@@ -175,11 +174,7 @@ def link_names() -> list[str]:
 
 
 def wait_until_gone(present, what: str) -> None:
-    deadline = time.monotonic() + REMOVAL_TIMEOUT_S
-    while present():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} still present {REMOVAL_TIMEOUT_S} s after removal")
-        time.sleep(0.1)
+    wait_until(lambda: not present(), timeout=REMOVAL_TIMEOUT_S, what=f"{what} to be gone after its removal")
 
 
 def remove_leftovers() -> None:
@@ -192,3 +187,16 @@ def remove_leftovers() -> None:
     stale = [name for name in link_names() if name.startswith(NAME_PREFIXES)]
     if stale:
         remove_links(stale)
+
+
+@contextmanager
+def port_taken(host: Host, port: int):
+    """While the block runs, a process on `host` listens on `port` and never answers."""
+    squatter = start_command(host.command([sys.executable, "-c", (
+        "import socket, time; s = socket.socket(); s.bind(('', %d)); s.listen(); print('listening', flush=True); "
+        "time.sleep(600)") % port]))
+    try:
+        assert squatter.stdout.readline().strip() == "listening"
+        yield
+    finally:
+        kill_session(squatter)

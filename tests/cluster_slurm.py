@@ -3,7 +3,8 @@
 Everything lives under one temporary directory with its own SLURM_CONF, munge socket and key;
 nothing under /etc is touched and no system daemon is used. The controller runs in this
 machine's own network namespace on the bridge address; each compute node is a namespace host
-(tests/cluster_netns.py), so a 2-node job really spans two network stacks.
+(tests/cluster_netns.py), so a 2-node job really spans two network stacks. Tests that start one are marked
+needs_slurm (helpers.unmet_need says what that takes).
 
     with SlurmCluster(workdir, hosts) as cluster:
         job = cluster.sbatch(["slurm/srun_cpu.sbatch", "--config", ...], "--nodes=1")
@@ -26,24 +27,13 @@ import time
 from pathlib import Path
 
 from cluster_netns import BRIDGE_ADDR, Host, wait_until_gone
-from conftest import free_port, without_launcher_vars
+from helpers import free_port, run_bounded, wait_until, without_launcher_vars
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "sinfo")
 # Pids and directory of the running test cluster: a session killed outright (SIGKILL, OOM) leaves
 # its daemons behind, and the next session ends them (held under cluster_netns.SessionLock).
 RECORD = Path("/run/lock/dtrain-test-slurm.json")
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                "DEADLINE", "PREEMPTED"}
-
-
-def unavailable_reason() -> str | None:
-    """Why a Slurm cluster cannot be started here, or None."""
-    if os.geteuid() != 0:
-        return "Slurm tests need root (they start munged, slurmctld and slurmd)"
-    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
-    if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
-    return None
 
 
 # cred_expire: a requeued job may start again only after its old credentials expired (default
@@ -116,9 +106,6 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         # Nothing a launcher would read as "already launched" may leak from the test process into jobs.
         self.env = {**without_launcher_vars(os.environ), "SLURM_CONF": str(self.conf)}
-        for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
-            if var != "SLURM_CONF":
-                del self.env[var]
         self.procs: dict[str, subprocess.Popen] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -170,13 +157,9 @@ class SlurmCluster:
         log.close()
 
     def _wait(self, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                why = f"{', '.join(dead)} exited" if dead else f"no success within {timeout:.0f}s"
-                raise RuntimeError(f"Slurm test cluster: waiting for {what}: {why}\n{self.logs()}")
-            time.sleep(0.1)
+        """Until ready(); if a daemon exits first or time runs out, fail with the daemons' logs."""
+        wait_until(ready, *self.procs.values(), timeout=timeout, what=f"Slurm test cluster: {what} "
+                   f"(daemons: {', '.join(self.procs)})", report=self.logs)
 
     def all_nodes_idle(self) -> bool:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
@@ -204,8 +187,7 @@ class SlurmCluster:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 30, cwd: Path | str | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(argv), env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout, cwd=cwd)
+        proc = run_bounded(list(argv), timeout, {**self.env, **(env or {})}, cwd=cwd or os.getcwd())
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc

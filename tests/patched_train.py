@@ -12,12 +12,13 @@ SLOW_DATA_RANK=R            on rank R, every training sample takes SLOW_DATA_S s
 
 import io
 import os
-import runpy
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from helpers import load_train
 
 _original_save = torch.save
 _file_saves = 0
@@ -84,6 +85,4 @@ if os.environ.get("SLOW_DATA_RANK") == os.environ.get("RANK"):
 
     dtrain.data.EpochSeeded.__getitem__ = _slow_getitem
 
-train = Path(__file__).resolve().parents[1] / "train.py"
-sys.argv = [str(train), *sys.argv[1:]]
-runpy.run_path(str(train), run_name="__main__")
+load_train(sys.argv[1:], run_name="__main__")

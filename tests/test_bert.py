@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bert_helpers import (REPO, eval_records, genre_rows, run_ranks, run_train, sentiment_rows, varied_rows,
-                          write_csv, write_jsonl, write_tiny_bert)
+from bert_helpers import genre_rows, sentiment_rows, varied_rows, write_csv, write_jsonl, write_tiny_bert
+from helpers import (PATCHED_TRAIN, ROOT, error_lines, max_difference, records, run_ranks, run_torchrun, run_train,
+                     start, wait_until, weights)
 
 VAL_ROWS = 37
 
@@ -44,20 +45,11 @@ def check_ok(result) -> None:
                                    f"stderr:\n{result.stderr[-3000:]}"
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def single_run(ws: Path) -> Path:
     """One process, batch 8, 3 epochs (36 steps)."""
     out = ws / "run_single"
-    check_ok(run_train(tiny_args(ws, out, "batch_size=8")))
+    check_ok(run_train(tiny_args(ws, out, "batch_size=8"), timeout=240))
     return out
 
 
@@ -65,7 +57,7 @@ def single_run(ws: Path) -> Path:
 def ddp_run(ws: Path) -> Path:
     """Two DDP processes, batch 4 each: the same 8 samples per step as single_run. Own datasets cache."""
     out = ws / "run_ddp"
-    check_ok(run_train(tiny_args(ws, out, "batch_size=4", cache="cache_ddp"), nproc=2))
+    check_ok(run_torchrun(tiny_args(ws, out, "batch_size=4", cache="cache_ddp")))
     return out
 
 
@@ -74,31 +66,31 @@ def ddp_run(ws: Path) -> Path:
 
 
 def test_single_process_run_learns_and_counts_every_validation_example(single_run: Path):
-    records = eval_records(single_run)
-    assert [r["epoch"] for r in records] == [0, 1, 2]
-    assert all(r["samples"] == VAL_ROWS for r in records)
-    assert records[-1]["accuracy"] >= 0.9  # the sentiment words decide the label: a tiny BERT learns it
-    assert records[-1]["loss"] < records[0]["loss"]
-    assert 0.0 <= records[-1]["macro_f1"] <= 1.0
+    evals = records(single_run, "eval")
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert all(r["samples"] == VAL_ROWS for r in evals)
+    assert evals[-1]["accuracy"] >= 0.9  # the sentiment words decide the label: a tiny BERT learns it
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert 0.0 <= evals[-1]["macro_f1"] <= 1.0
 
 
 def test_two_process_ddp_run_finishes_with_exact_eval_count(ddp_run: Path):
     # find_unused_parameters is off (the default): BERT's classifier uses every parameter, pooler included,
     # or DDP would have failed on the second step.
-    records = eval_records(ddp_run)
-    assert len(records) == 3
-    assert all(r["samples"] == VAL_ROWS for r in records)  # 19 + 18, no padding duplicates
+    evals = records(ddp_run, "eval")
+    assert len(evals) == 3
+    assert all(r["samples"] == VAL_ROWS for r in evals)  # 19 + 18, no padding duplicates
     assert len(list((ddp_run / "checkpoints").glob("step_*.pt"))) >= 1
 
 
 def test_two_ranks_match_one_process(ws: Path, single_run: Path, ddp_run: Path):
     """Dropout off, same global batch: 2 x 4 under DDP ends where 1 x 8 does (AdamW, 36 steps)."""
-    single, ddp = final_weights(single_run), final_weights(ddp_run)
+    single, ddp = weights(single_run), weights(ddp_run)
     assert max_difference(single, ddp) < 1e-5
-    initial = initial_weights(ws)
+    initial = initial_bert_weights(ws)
     moved = max((single[k] - initial[k]).abs().max().item() for k in initial)
     assert moved > 1e-2  # the comparison means something: training changed the weights
-    for a, b in zip(eval_records(single_run), eval_records(ddp_run)):
+    for a, b in zip(records(single_run, "eval"), records(ddp_run, "eval")):
         assert a["accuracy"] == b["accuracy"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
@@ -111,11 +103,11 @@ def test_fsdp_two_ranks_match_one_process_and_export_the_whole_model(ws: Path, s
     from dtrain.checkpoint import consolidate
 
     out = tmp_path / "fsdp"
-    check_ok(run_train(tiny_args(ws, out, "batch_size=4", "mode=fsdp", cache="cache_fsdp"), nproc=2))
+    check_ok(run_torchrun(tiny_args(ws, out, "batch_size=4", "mode=fsdp", cache="cache_fsdp")))
     assert (out / "checkpoints" / "last").is_symlink()  # a sharded checkpoint
     sharded = torch.load(consolidate(out / "checkpoints" / "last", tmp_path / "whole.pt"), weights_only=True)
-    assert max_difference(final_weights(single_run), sharded["model"]) < 1e-5
-    for a, b in zip(eval_records(single_run), eval_records(out)):
+    assert max_difference(weights(single_run), sharded["model"]) < 1e-5
+    for a, b in zip(records(single_run, "eval"), records(out, "eval")):
         assert a["samples"] == b["samples"] == VAL_ROWS and a["accuracy"] == b["accuracy"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     exported = load_file(str(out / "model" / "model.safetensors"))
@@ -123,7 +115,7 @@ def test_fsdp_two_ranks_match_one_process_and_export_the_whole_model(ws: Path, s
     assert len(exported) >= len(sharded["model"]) - 2  # every weight (buffers such as position ids aside)
 
 
-def initial_weights(ws: Path) -> dict[str, torch.Tensor]:
+def initial_bert_weights(ws: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return {"bert." + k: v for k, v in load_file(str(ws / "model" / "model.safetensors")).items()}
@@ -144,7 +136,7 @@ def test_eval_metrics_equal_an_independent_computation(ddp_run: Path, ws: Path):
     preds = logits.argmax(dim=1)
     f1 = [2 * ((preds == c) & (truth == c)).sum().item()
           / ((preds == c).sum().item() + (truth == c).sum().item()) for c in range(2)]
-    last = eval_records(ddp_run)[-1]
+    last = records(ddp_run, "eval")[-1]
     assert last["accuracy"] == pytest.approx((preds == truth).double().mean().item(), abs=1e-12)
     assert last["macro_f1"] == pytest.approx(sum(f1) / 2, abs=1e-12)
     loss = torch.nn.functional.cross_entropy(logits, truth).item()
@@ -161,7 +153,7 @@ def test_saved_pretrained_model_loads_back_with_the_same_logits(single_run: Path
     assert config.problem_type == "single_label_classification"
     # The checkpoint's model (the unwrapped state_dict) and the exported one give the same logits.
     from_checkpoint = AutoModelForSequenceClassification.from_config(config)
-    from_checkpoint.load_state_dict(final_weights(single_run))
+    from_checkpoint.load_state_dict(weights(single_run))
     texts = ["the movie was great fun", "dull and boring plot", "unknownword film"]
     tokens = tokenize(model_dir, texts)
     from_checkpoint.eval()
@@ -174,14 +166,15 @@ def test_saved_pretrained_model_loads_back_with_the_same_logits(single_run: Path
 
 def test_resume_mid_epoch_ends_where_an_uninterrupted_run_ends(ws: Path, tmp_path: Path):
     common = ("batch_size=8", "epochs=2", "optim.schedule=constant", "optim.warmup_steps=0", "resume=auto")
-    check_ok(run_train(tiny_args(ws, tmp_path / "straight", *common)))
-    stopped = run_train(tiny_args(ws, tmp_path / "resumed", *common, "max_steps=5"))  # 12 steps per epoch
+    check_ok(run_train(tiny_args(ws, tmp_path / "straight", *common), timeout=240))
+    # 12 steps per epoch
+    stopped = run_train(tiny_args(ws, tmp_path / "resumed", *common, "max_steps=5"), timeout=240)
     check_ok(stopped)
-    resumed = run_train(tiny_args(ws, tmp_path / "resumed", *common))
+    resumed = run_train(tiny_args(ws, tmp_path / "resumed", *common), timeout=240)
     check_ok(resumed)
     assert "resumed from" in resumed.stdout and "step 5" in resumed.stdout
-    assert max_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")) < 1e-6
-    assert eval_records(tmp_path / "resumed")[-1]["step"] == 24
+    assert max_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
+    assert records(tmp_path / "resumed", "eval")[-1]["step"] == 24
 
 
 def varied(ws: Path) -> list[str]:
@@ -193,31 +186,28 @@ def test_length_grouped_run_killed_mid_epoch_on_two_ranks_resumes_exactly(ws: Pa
     skips exactly what was trained, so it ends with the weights of an uninterrupted run."""
     import psutil
 
-    from conftest import start, wait_until
-
     common = (*varied(ws), "batch_size=4", "epochs=2", "optim.schedule=constant", "optim.warmup_steps=0",
               "resume=auto", "checkpoint_every=4", "data.group_by_length=true")
-    check_ok(run_train(tiny_args(ws, tmp_path / "straight", *common), nproc=2))
+    check_ok(run_torchrun(tiny_args(ws, tmp_path / "straight", *common)))
     out = tmp_path / "killed"
     # 12 steps per epoch; file saves at steps 4, 8, 12, the epoch end, 16, then 20: rank 0 hangs writing that one.
-    job = start(tiny_args(ws, out, *common), script=str(REPO / "tests" / "patched_train.py"), nproc=2,
-                HANG_ON_SAVE="6")
+    job = start(tiny_args(ws, out, *common), script=PATCHED_TRAIN, nproc=2, HANG_ON_SAVE="6")
     wait_until(lambda: list((out / "checkpoints").glob("*.hanging")), job, timeout=180, what="the step-20 save")
     for proc in [*psutil.Process(job.pid).children(recursive=True), job]:  # both ranks and the launcher at once
         proc.kill()
     job.communicate()
-    resumed = run_train(tiny_args(ws, out, *common), nproc=2)
+    resumed = run_torchrun(tiny_args(ws, out, *common))
     check_ok(resumed)
     assert "resumed from" in resumed.stdout and "epoch 1, step 16" in resumed.stdout  # mid-epoch 2
-    assert max_difference(final_weights(tmp_path / "straight"), final_weights(out)) < 1e-6
-    assert all(r["samples"] == VAL_ROWS for r in eval_records(out))
+    assert max_difference(weights(tmp_path / "straight"), weights(out)) < 1e-6
+    assert all(r["samples"] == VAL_ROWS for r in records(out, "eval"))
 
 
 def test_mid_epoch_resume_with_another_global_batch_is_refused_when_grouped(ws: Path, tmp_path: Path):
     common = (*varied(ws), "epochs=2", "resume=auto", "data.group_by_length=true")
-    check_ok(run_train(tiny_args(ws, tmp_path, *common, "batch_size=8", "max_steps=5")))
-    refused = run_train(tiny_args(ws, tmp_path, *common, "batch_size=4"))
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error")]
+    check_ok(run_train(tiny_args(ws, tmp_path, *common, "batch_size=8", "max_steps=5"), timeout=240))
+    refused = run_train(tiny_args(ws, tmp_path, *common, "batch_size=4"), timeout=240)
+    errors = error_lines(refused.stderr)
     assert refused.returncode == 1 and len(errors) == 1, refused.stderr
     assert "stopped mid-epoch" in errors[0] and "global batch of 8" in errors[0]
 
@@ -250,16 +240,16 @@ def test_multi_label_from_jsonl_lists(ws: Path, tmp_path: Path):
     check_ok(run_train(tiny_args(ws, out, "model.problem_type=multi_label", "data.label_column=genres",
                                  f"data.train_files={ws / 'genres_train.jsonl'}",
                                  f"data.validation_files={ws / 'genres_val.jsonl'}",
-                                 "batch_size=8", "epochs=4", "optim.lr=0.01")))
-    records = eval_records(out)
-    assert all(r["samples"] == VAL_ROWS for r in records)
-    assert records[-1]["loss"] < records[0]["loss"]
+                                 "batch_size=8", "epochs=4", "optim.lr=0.01"), timeout=240))
+    evals = records(out, "eval")
+    assert all(r["samples"] == VAL_ROWS for r in evals)
+    assert evals[-1]["loss"] < evals[0]["loss"]
     # Independent check of exact-match accuracy and per-label F1 from the exported model.
     rows = [__import__("json").loads(line) for line in (ws / "genres_val.jsonl").read_text().splitlines()]
     names = ["action", "comedy", "drama"]
     truth = torch.tensor([[float(n in r["genres"]) for n in names] for r in rows]) > 0.5
     preds = exported_logits(out / "model", [r["text"] for r in rows]) > 0
-    last = records[-1]
+    last = evals[-1]
     assert last["accuracy"] == pytest.approx((preds == truth).all(dim=1).double().mean().item(), abs=1e-12)
     for i, name in enumerate(names):
         tp = (preds[:, i] & truth[:, i]).sum().item()
@@ -306,8 +296,8 @@ def bad_ws(ws: Path) -> Path:
                                   "no tokenizer", "hub name, not a directory", "max_length above position limit"])
 def test_bad_input_is_one_clear_error_line(bad_ws: Path, tmp_path: Path, case: str):
     extra, expected = bad_cases(bad_ws)[case]
-    result = run_train(tiny_args(bad_ws, tmp_path / "out", *extra))
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    result = run_train(tiny_args(bad_ws, tmp_path / "out", *extra), timeout=240)
+    errors = error_lines(result.stderr)
     assert result.returncode != 0
     assert len(errors) == 1, result.stderr
     assert expected in errors[0]
@@ -324,7 +314,7 @@ def test_bad_input_on_two_ranks_stops_both_without_waiting(bad_ws: Path, tmp_pat
     results = run_ranks(tiny_args(bad_ws, tmp_path / "out", "data.label_column=sentiment", "timeout_s=120"))
     assert time.monotonic() - start < 90
     assert [r.returncode for r in results] == [1, 1]
-    errors = [[line for line in r.stderr.splitlines() if line.startswith("error")] for r in results]
+    errors = [error_lines(r.stderr) for r in results]
     assert len(errors[0]) == 1 and "no column 'sentiment'" in errors[0][0], results[0].stderr
     # Rank 1 stops on rank 0's verdict, silently (an error every rank shares is reported once), not
     # because its connection to a vanished rank 0 broke ("lost contact with another rank").
@@ -339,10 +329,10 @@ def test_bad_input_on_two_ranks_stops_both_without_waiting(bad_ws: Path, tmp_pat
 def test_presets_are_valid_configs():
     from dtrain.config import load_config
 
-    demo = load_config(str(REPO / "configs/bert/minilm_rotten_tomatoes.yaml"), [])
+    demo = load_config(str(ROOT / "configs/bert/minilm_rotten_tomatoes.yaml"), [])
     assert demo.workload == "bert" and demo.optim.name == "adamw" and demo.optim.schedule == "linear"
     assert demo.model.name_or_path == "data/rotten_tomatoes/all-MiniLM-L6-v2"
-    full = load_config(str(REPO / "configs/bert/bert_base_sst2.yaml"),
+    full = load_config(str(ROOT / "configs/bert/bert_base_sst2.yaml"),
                        ["model.name_or_path=/models/bert-base-uncased", "data.train_files=a.parquet"])
     assert full.model.name_or_path == "/models/bert-base-uncased" and full.data.train_files == ["a.parquet"]
     assert full.data.text_columns == ["sentence"]

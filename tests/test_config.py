@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_clear_error, run_train
+from helpers import ROOT, assert_one_clear_error, run_train
 from dtrain.config import (SECTIONS, WORKLOAD_SECTIONS, Config, config_from_dict, help_text, load_config,
                            section_types, to_dict)
 from dtrain.errors import ConfigError

@@ -5,40 +5,37 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAST, assert_one_clear_error, read_metrics, run_torchrun, run_train
+from helpers import FAST, assert_one_clear_error, read_checkpoint, read_metrics, records, run_torchrun, run_train
 
-GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-needs_gpu = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
-needs_two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs")
 SYNTHETIC = [*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "data.synthetic_val_size=9",
              "max_steps=4", "num_workers=1"]
 
 
-@needs_gpu
+@pytest.mark.needs_cuda
 def test_one_gpu_trains_and_reports_cuda_memory(tmp_path):
     proc = run_train([*SYNTHETIC, f"output_dir={tmp_path}", "mode=auto"])
     assert proc.returncode == 0, proc.stderr
-    records = read_metrics(tmp_path)
-    memory = [r for r in records if r["kind"] == "memory"][0]
+    metrics = read_metrics(tmp_path)
+    memory = [r for r in metrics if r["kind"] == "memory"][0]
     assert memory["peak_cuda_mb"][0] > 0
-    assert [r["samples"] for r in records if r["kind"] == "eval"] == [9]
+    assert [r["samples"] for r in metrics if r["kind"] == "eval"] == [9]
 
 
-@needs_two_gpus
+@pytest.mark.needs_2_gpus
 def test_data_parallel_uses_every_gpu_in_one_process(tmp_path):
     proc = run_train([*SYNTHETIC, f"output_dir={tmp_path}", "mode=dp", "batch_size=8"])
     assert proc.returncode == 0, proc.stderr
     assert "fewer than 2 GPUs" not in proc.stdout
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = read_checkpoint(tmp_path)
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
-@needs_two_gpus
+@pytest.mark.needs_2_gpus
 def test_nccl_ddp_one_process_per_gpu(tmp_path):
     proc = run_torchrun([*SYNTHETIC, f"output_dir={tmp_path}", "backend=nccl"])
     assert proc.returncode == 0, proc.stderr
-    assert [r["samples"] for r in read_metrics(tmp_path) if r["kind"] == "eval"] == [9]
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["state"]["world_size"] == 2
+    assert [r["samples"] for r in records(tmp_path, "eval")] == [9]
+    assert read_checkpoint(tmp_path)["state"]["world_size"] == 2
 
 
 def host_syncs_in_one_epoch(tmp_path, steps: int) -> list[str]:
@@ -72,7 +69,7 @@ def host_syncs_in_one_epoch(tmp_path, steps: int) -> list[str]:
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
-@needs_gpu
+@pytest.mark.needs_cuda
 def test_training_steps_do_not_wait_for_the_gpu(tmp_path):
     # Each host sync stops the CPU from queueing the next step's kernels while the GPU runs this one;
     # the loop may wait at log steps and epoch ends, never once per step. (Seen on an H100: the
@@ -81,7 +78,7 @@ def test_training_steps_do_not_wait_for_the_gpu(tmp_path):
     assert len(syncs) < 12, syncs
 
 
-@needs_gpu
+@pytest.mark.needs_cuda
 def test_a_nonfinite_gradient_on_the_gpu_stops_before_anything_is_saved(tmp_path):
     proc = run_train([*SYNTHETIC, f"output_dir={tmp_path}", "mode=auto", "optim.lr=1e30", "log_every=3",
                       "data.synthetic_train_size=64", "max_steps=0", "epochs=1"])

@@ -8,26 +8,9 @@ from torch.utils.data import Dataset
 from dtrain import loop
 from dtrain.config import load_config
 from dtrain.data import EpochSeeded, LengthGroupedSampler, ResumableSampler, ShardSampler
-from dtrain.dist import DistEnv
 from dtrain.strategies import build_strategy
 from dtrain.workloads import Task
-
-
-def env_of(rank: int, world_size: int) -> DistEnv:
-    return DistEnv(mode="ddp" if world_size > 1 else "single", device=torch.device("cpu"), rank=rank,
-                   world_size=world_size)
-
-
-class Numbers(Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
+from helpers import Numbers, env_of
 
 def indices(sampler) -> list[int]:
     return [i for _, i in sampler]

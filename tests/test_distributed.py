@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, assert_one_clear_error, finish, logged_steps, read_metrics, run_torchrun, run_train,
-                      start_ranks, wait_until, write_image_folder)
-
-PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
-THREADS_AFTER_MAIN = str(Path(__file__).with_name("threads_after_main.py"))
+from helpers import (FAST, PATCHED_TRAIN, THREADS_AFTER_MAIN, assert_one_clear_error, finish, initial_weights,
+                     logged_steps, max_difference, read_checkpoint, records, run_ranks, run_torchrun, run_train,
+                     start_ranks, wait_until, weights, write_image_folder)
 
 
 def test_two_ranks_train_evaluate_exactly_and_only_rank0_writes(tiny_images, tmp_path):
@@ -27,9 +25,9 @@ def test_two_ranks_train_evaluate_exactly_and_only_rank0_writes(tiny_images, tmp
     saves = [line.split(" ", 1) for line in log.read_text().splitlines()]
     assert saves and {rank for rank, _ in saves} == {"0"}, saves  # rank 1 never called torch.save
     assert {Path(p).name for _, p in saves} == {"step_00000006.pt.tmp", "step_00000012.pt.tmp"}
-    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    evals = records(out, "eval")
     assert [e["samples"] for e in evals] == [7, 7]  # 7 validation images, 2 ranks: none padded, none lost
-    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    last = read_checkpoint(out)
     assert last["state"]["world_size"] == 2 and last["state"]["step"] == 12
     assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])  # per-rank seeds
     assert "Traceback" not in proc.stderr and "destroy_process_group" not in proc.stderr
@@ -42,19 +40,14 @@ def test_two_ranks_at_half_batch_match_one_process(tmp_path):
     one = run_train([*common, "batch_size=8", f"output_dir={tmp_path / 'one'}"])
     two = run_torchrun([*common, "batch_size=4", f"output_dir={tmp_path / 'two'}"])
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    w1 = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)["model"]
-    w2 = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)["model"]
-    torch.manual_seed(0)
-    from torchvision.models import get_model
-
-    init = get_model("squeezenet1_1", weights=None, num_classes=10, dropout=0.0).state_dict()
-    moved = max((w1[k] - init[k]).abs().max().item() for k in w1)
-    gap = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    moved = max_difference(w1, initial_weights())
+    gap = max_difference(w1, w2)
     assert moved > 1e-4, "training did not change the weights: the comparison would be vacuous"
     assert gap < 1e-5, f"1-process and 2-rank weights differ by {gap} (tolerance 1e-5; they moved by {moved})"
     # The logged loss is the global mean: the same in both runs.
-    loss_one = [r["loss"] for r in read_metrics(tmp_path / "one") if r["kind"] == "train"]
-    loss_two = [r["loss"] for r in read_metrics(tmp_path / "two") if r["kind"] == "train"]
+    loss_one = [r["loss"] for r in records(tmp_path / "one", "train")]
+    loss_two = [r["loss"] for r in records(tmp_path / "two", "train")]
     assert len(loss_one) == 4 and loss_two == pytest.approx(loss_one, rel=1e-5)
 
 
@@ -69,7 +62,7 @@ def test_checkpoints_move_between_modes(tiny_images, tmp_path):
     dp = run_train([*args, "epochs=3", "mode=dp"])
     assert dp.returncode == 0, dp.stderr
     assert "epoch 2, step 18" in dp.stdout and dp.stdout.count("fewer than 2 GPUs visible") == 1
-    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    steps = [r["step"] for r in records(out, "train")]
     assert steps == list(range(1, 13)) + list(range(13, 19)) + list(range(19, 31))
 
 
@@ -95,7 +88,7 @@ def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_pat
             "resume=auto", "batch_size=2", "log_every=1"]
     ranks = start_ranks(args, world_size=2)  # no torchrun: it reports only the first worker to exit
     try:
-        wait_until(lambda: logged_steps(out) >= 3, ranks[0], what="3 logged steps")
+        wait_until(lambda: logged_steps(out) >= 3, *ranks, what="3 logged steps")
         ranks[1].send_signal(signal.SIGTERM)  # one rank only: the other must learn of it at the same step
     finally:
         rank0, rank1 = finish(ranks)
@@ -103,11 +96,11 @@ def test_stop_signal_on_one_rank_saves_once_at_the_same_step_and_exits_3(tmp_pat
     assert "received SIGTERM (rank 1)" in rank1.stdout and "stopped at step" in rank0.stdout, rank0.stdout
     stopped = int(rank0.stdout.split("stopped at step ")[1].split(":")[0])
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", f"step_{stopped:08d}.pt"}
-    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    last = read_checkpoint(out)
     assert last["state"]["step"] == stopped and len(last["rng"]) == 2
     again = run_torchrun([*args, f"max_steps={stopped + 2}"])
     assert again.returncode == 0, again.stderr
-    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    steps = [r["step"] for r in records(out, "train")]
     assert steps[-3:] == [stopped, stopped + 1, stopped + 2] and len(steps) == len(set(steps))
 
 
@@ -115,9 +108,8 @@ def test_no_backend_thread_outlives_the_run(tmp_path):
     """After main() the process group is destroyed with its Gloo threads joined. A Gloo thread still
     alive at interpreter exit can take the GIL while the interpreter finalizes, and CPython's
     pthread_exit then ends in std::terminate: SIGABRT after a finished run."""
-    results = finish(start_ranks([*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "max_steps=3",
-                                  "num_workers=1", f"output_dir={tmp_path}"], script=THREADS_AFTER_MAIN),
-                     timeout=120)
+    results = run_ranks([*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "max_steps=3",
+                         "num_workers=1", f"output_dir={tmp_path}"], script=THREADS_AFTER_MAIN, timeout=120)
     for r in results:
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout.strip().splitlines()[-1])
@@ -130,9 +122,8 @@ def test_a_rank_whose_master_port_never_answers_ends_within_the_timeout(tmp_path
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         began = time.monotonic()
-        [result] = finish(start_ranks([*FAST, "data.synthetic=true", "max_steps=2", "timeout_s=5", f"output_dir={tmp_path}"],
-                                      world_size=1,
-                                      port=squatter.getsockname()[1], RANK="1", WORLD_SIZE="2"), timeout=90)
+        [result] = run_ranks([*FAST, "data.synthetic=true", "max_steps=2", "timeout_s=5", f"output_dir={tmp_path}"],
+                             world_size=1, timeout=90, port=squatter.getsockname()[1], RANK="1", WORLD_SIZE="2")
     assert result.returncode == 1
     line = assert_one_clear_error(result, "could not join the process group", "as rank 1/2",
                                   "no answer within timeout_s=5")

@@ -9,28 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, assert_one_clear_error, error_lines, finish, logged_steps, read_metrics, run_torchrun,
-                      run_train, start, start_ranks, wait_until, worker_with_local_rank)
+from helpers import (FAST, PATCHED_TRAIN, assert_one_clear_error, assert_same_run, error_lines, finish, logged_steps,
+                     read_checkpoint, run_bounded, run_torchrun, run_train, start, start_ranks, wait_until,
+                     worker_with_local_rank)
 
-PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
 # Augmentation on (random crops + flips) and a DataLoader worker: exactness must not rely on either being off.
 EXACT = [*FAST, "data.augment=true", "data.min_crop_scale=0.5", "num_workers=1", "threads=1",
          "deterministic=true", "epochs=2", "checkpoint_every=2", "keep_last=2", "resume=auto", "batch_size=2"]
-
-
-def losses_by_step(output_dir: Path) -> dict[int, float]:
-    """Loss per step; a step logged twice (re-run after a crash) keeps its last value."""
-    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if r["kind"] == "train"}
-
-
-def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(output_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert losses_by_step(a) == losses_by_step(b)  # bit-for-bit: floats compared exactly
-    wa, wb = final_weights(a), final_weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("model_args", [
@@ -136,7 +121,7 @@ def test_stop_signal_single_process_saves_and_exits_3(tmp_path):
     stdout = done.stdout
     assert done.returncode == 3
     stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
+    assert read_checkpoint(out)["state"]["step"] == stopped
 
 
 def test_signal_to_the_whole_process_group_is_handled_once_by_the_trainer(tmp_path):
@@ -159,11 +144,10 @@ def test_signal_to_the_whole_process_group_is_handled_once_by_the_trainer(tmp_pa
 
 def mount(*args: str) -> None:
     """mount(8), tried again a few times: another test session changing mounts at that moment makes it fail."""
-    import subprocess
     import time
 
     for attempt in range(5):
-        done = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+        done = run_bounded(["mount", *args], 30)
         if done.returncode == 0:
             return
         time.sleep(0.5)
@@ -172,16 +156,15 @@ def mount(*args: str) -> None:
 
 @pytest.fixture
 def mounts():
-    """Mount points made by a test; unmounted afterwards (lazily, in case a process still has a file open)."""
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount(8) to make a real full or read-only file system")
+    """Mount points made by a test; unmounted afterwards (lazily, in case a process still has a file open).
+    Its tests are marked needs_mounts: root and mount(8) make a real full or read-only file system."""
     made: list[Path] = []
     yield made
     for point in reversed(made):
-        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+        run_bounded(["umount", "-l", str(point)], 30)
+
+
+needs_mounts = pytest.mark.needs_root("mount")
 
 
 def read_only(folder: Path, mounts: list[Path]) -> None:
@@ -207,6 +190,7 @@ def assert_last_checkpoint_loads(ckpt_dir: Path, undeletable_tmp: bool = False) 
     return last["state"]["step"]
 
 
+@needs_mounts
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mounts):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -221,12 +205,12 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     assert assert_last_checkpoint_loads(out / "checkpoints") >= 1
 
 
+@needs_mounts
 def test_checkpoints_turning_read_only_mid_run_stop_both_ranks_with_one_line(tmp_path, mounts):
     out = tmp_path / "run"
     procs = start_ranks([*FAST, "data.synthetic=true", "data.synthetic_train_size=4000", f"output_dir={out}",
                          "checkpoint_every=2", "keep_last=3"])
-    wait_until(lambda: len(list((out / "checkpoints").glob("step_*.pt"))) >= 2, procs[0],
-               what="two checkpoints")
+    wait_until(lambda: len(list((out / "checkpoints").glob("step_*.pt"))) >= 2, *procs, what="two checkpoints")
     read_only(out / "checkpoints", mounts)
     results = finish(procs, timeout=120)
     assert [r.returncode for r in results] == [1, 1], [r.stderr for r in results]
@@ -236,6 +220,7 @@ def test_checkpoints_turning_read_only_mid_run_stop_both_ranks_with_one_line(tmp
     assert_last_checkpoint_loads(out / "checkpoints", undeletable_tmp=True)
 
 
+@needs_mounts
 @pytest.mark.parametrize("spoil", ["read-only", "a file"])
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, mounts, spoil):
     out = tmp_path / "run"

@@ -14,35 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, assert_one_clear_error, finish, logged_steps, read_metrics, run_torchrun, run_train,
-                      start, start_ranks, wait_until, worker_with_local_rank)
+from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, losses,
+                     max_difference, records, run_torchrun, run_train, start, start_ranks, wait_until, weights,
+                     worker_with_local_rank)
 
-PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
-# squeezenet (no BatchNorm, dropout 0) on synthetic images: exact up to float summation order.
-# 9 validation images in batches of 2 over 2 ranks: 3 batches on rank 0, 2 on rank 1 (one padding batch).
-SYNTH = [*FAST, "data.synthetic=true", "data.synthetic_train_size=96", "data.synthetic_val_size=9",
-         "eval_batch_size=2", "optim.weight_decay=0", "data.num_classes=4"]
 # Runs continued with a larger max_steps: a constant lr, as the schedule's length depends on max_steps.
 CONSTANT_LR = ["optim.schedule=constant"]
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    """The model of the newest checkpoint, whichever kind (a sharded one is consolidated first)."""
-    from dtrain.checkpoint import consolidate
-
-    last = out / "checkpoints" / ("last" if (out / "checkpoints" / "last").exists() else "last.pt")
-    if last.is_dir():
-        last = consolidate(last, out / "consolidated.pt")
-    return torch.load(last, map_location="cpu", weights_only=True)["model"]
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out) if r["kind"] == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +40,8 @@ def test_two_ranks_match_one_process_and_evaluate_every_sample_once(reference, t
     gap = max_difference(weights(reference), weights(tmp_path))
     assert gap < 1e-5, f"FSDP and one process differ by {gap} (tolerance 1e-5)"
     assert losses(tmp_path) == pytest.approx(losses(reference), rel=1e-5)
-    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
-    one = [r for r in read_metrics(reference) if r["kind"] == "eval"]
+    evals = records(tmp_path, "eval")
+    one = records(reference, "eval")
     assert [e["samples"] for e in evals] == [9]  # rank 1 ran a padding batch that was not counted
     assert evals[-1]["loss"] == pytest.approx(one[-1]["loss"], rel=1e-5)
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "last").iterdir()) == [
@@ -113,7 +90,7 @@ def test_a_crash_inside_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
             f"output_dir={out}", "max_steps=8"]
     ranks = start_ranks(args, script=PATCHED_TRAIN, HANG_IN_SHARDED_SAVE="2")
     ckpt_dir = out / "checkpoints"
-    wait_until(lambda: (ckpt_dir / "step_00000004.tmp.hanging").exists(), ranks[0], what="the second save")
+    wait_until(lambda: (ckpt_dir / "step_00000004.tmp.hanging").exists(), *ranks, what="the second save")
     for rank in ranks:
         rank.kill()
     finish(ranks)
@@ -144,7 +121,7 @@ def test_a_stop_signal_to_one_rank_saves_a_sharded_checkpoint_and_resume_continu
     args = [*SYNTH, "mode=fsdp", "data.synthetic_train_size=4096", "batch_size=2", "resume=auto",
             f"output_dir={out}"]
     ranks = start_ranks(args)
-    wait_until(lambda: logged_steps(out) >= 3, ranks[0], what="3 logged steps")
+    wait_until(lambda: logged_steps(out) >= 3, *ranks, what="3 logged steps")
     ranks[1].send_signal(signal.SIGTERM)
     rank0, rank1 = finish(ranks)
     assert [rank0.returncode, rank1.returncode] == [3, 3], rank0.stderr + rank1.stderr
@@ -188,7 +165,7 @@ def test_each_rank_holds_about_half_the_state_at_two_ranks(tmp_path):
     for mode in ("ddp", "fsdp"):
         proc = run_torchrun([*args, f"mode={mode}", f"output_dir={tmp_path / mode}"])
         assert proc.returncode == 0, proc.stderr
-        memory = [r for r in read_metrics(tmp_path / mode) if r["kind"] == "memory"][-1]
+        memory = records(tmp_path / mode, "memory")[-1]
         held[mode] = [p + o for p, o in zip(memory["param_mb"], memory["optim_mb"])]
     assert all(f <= 0.55 * d for f, d in zip(held["fsdp"], held["ddp"])), held
     assert min(held["ddp"]) > 50  # resnet18: 11.7M parameters and two AdamW moments, ~134 MB

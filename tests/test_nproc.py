@@ -10,14 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import (FAST, assert_one_clear_error, error_lines, finish, logged_steps, read_metrics,
-                      run_bounded, run_torchrun, run_train, start, start_ranks, subprocess_env, wait_until,
-                      worker_with_local_rank, write_image_folder)
-from test_fault_tolerance import assert_same_run
+from helpers import (ENV_DUMP, FAST, assert_one_clear_error, assert_same_run, error_lines, finish, logged_steps,
+                     read_checkpoint, records, run_bounded, run_ranks, run_torchrun, run_train, start, subprocess_env,
+                     wait_until, worker_with_local_rank, write_image_folder)
 
-ENV_DUMP = str(Path(__file__).with_name("env_dump.py"))
 # Bit-exact on the CPU: deterministic kernels, one thread, a checkpoint every 2 of the 24 steps (12 per epoch).
 EXACT = [*FAST, "data.synthetic=true", "data.synthetic_train_size=48", "data.synthetic_val_size=10",
          "deterministic=true", "threads=1", "epochs=2", "checkpoint_every=2", "resume=auto", "batch_size=2"]
@@ -36,7 +33,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def final_eval(output_dir: Path) -> dict:
-    record = [r for r in read_metrics(output_dir) if r["kind"] == "eval"][-1]
+    record = records(output_dir, "eval")[-1]
     return {k: v for k, v in record.items() if k not in ("kind", "epoch", "step")}
 
 
@@ -47,7 +44,7 @@ def test_nproc_runs_what_torchrun_runs_bit_for_bit(reference, tmp_path):
     assert proc.stdout.count("done: ") == 1 and error_lines(proc.stderr) == [], proc.stdout + proc.stderr
     assert_same_run(reference, out)  # every logged loss and the final weights, exactly
     assert final_eval(out) == final_eval(reference)
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["world_size"] == 2
+    assert read_checkpoint(out)["state"]["world_size"] == 2
 
 
 def test_workers_get_what_torchrun_gives_them(tmp_path):
@@ -125,7 +122,7 @@ def test_python_entry_point_returns_the_same_metrics_and_raises_on_failure(refer
     assert code == 1 and message.startswith("data.root '/nonexistent/images' has no train/ folder"), message
     assert len([line for line in result["err"].splitlines() if "error" in line and "/nonexistent" in line]) == 1
     assert result["in_process"] == final_eval(tmp_path / "here") and result["in_process"]["samples"] == 4
-    assert torch.load(tmp_path / "here/checkpoints/last.pt", weights_only=True)["state"]["world_size"] == 1
+    assert read_checkpoint(tmp_path / "here")["state"]["world_size"] == 1
     assert result["handlers_restored"] and result["environ_restored"]
 
 
@@ -147,13 +144,13 @@ def test_stop_signal_reaches_each_worker_once_they_save_at_one_step_and_exit_3(t
     assert error_lines(done.stderr) == [] and "Traceback" not in done.stderr, done.stderr
     stopped = int(done.stdout.split("stopped at step ")[1].split(":")[0])
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", f"step_{stopped:08d}.pt"}
-    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    last = read_checkpoint(out)
     assert last["state"]["step"] == stopped and len(last["rng"]) == 2
     if name == "SIGTERM":  # resume=auto continues where they stopped
         again = run_train([*args, f"max_steps={stopped + 2}"])
         assert again.returncode == 0, again.stderr
         assert f"epoch 0, step {stopped}" in again.stdout
-        steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+        steps = [r["step"] for r in records(out, "train")]
         assert steps[-3:] == [stopped, stopped + 1, stopped + 2] and len(steps) == len(set(steps))
 
 
@@ -200,7 +197,7 @@ def test_workers_of_a_launcher_killed_with_sigkill_save_at_one_step_and_stop(tmp
     assert all(stdout.count(f"received SIGTERM (rank {rank})") <= 1 for rank in (0, 1)), stdout
     assert "received SIGTERM" in stdout and stdout.count("stopped at step ") == 1, stdout
     stopped = int(stdout.split("stopped at step ")[1].split(":")[0])
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == stopped
+    assert read_checkpoint(out)["state"]["step"] == stopped
 
 
 def test_max_restarts_restarts_the_workers_and_the_run_ends_as_if_never_killed(reference, tmp_path):
@@ -225,7 +222,7 @@ def test_a_worker_error_is_its_own_one_line_and_the_launcher_adds_none(tmp_path)
 
 def test_nproc_under_torchrun_or_srun_is_one_line_and_exit_2(tmp_path):
     args = [*FAST, "data.synthetic=true", f"output_dir={tmp_path}", "nproc=2"]
-    ranks = finish(start_ranks(args, world_size=2), timeout=120)  # as torchrun starts them
+    ranks = run_ranks(args, world_size=2, timeout=120)  # as torchrun starts them
     assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
     lines = [line for r in ranks for line in error_lines(r.stderr)]
     assert len(lines) == 1 and "nproc=2" in lines[0] and "torchrun or srun" in lines[0], lines

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, error_lines, finish, logged_steps, read_metrics, run_torchrun, start_ranks, wait_until
+from helpers import (FAST, PATCHED_TRAIN, error_lines, finish, logged_steps, records, run_torchrun, start_ranks,
+                     wait_until)
 
-PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
 LONG = [*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", "data.num_classes=4"]
 
 
@@ -21,7 +20,7 @@ def test_a_stopped_rank_is_named_in_a_hang_report_and_when_the_job_gives_up(tmp_
     out = tmp_path / "run"
     args = [*LONG, "hang_report_s=5", "timeout_s=30", "checkpoint_every=2", "resume=auto", f"output_dir={out}"]
     ranks = start_ranks(args)
-    wait_until(lambda: logged_steps(out) >= 3, ranks[0], what="3 logged steps")
+    wait_until(lambda: logged_steps(out) >= 3, *ranks, what="3 logged steps")
     ranks[1].send_signal(signal.SIGSTOP)  # a process that stops answering without dying
     stopped = time.monotonic()
     try:
@@ -54,7 +53,7 @@ def test_a_rank_slow_to_load_data_is_named_the_straggler_with_data_as_the_cause(
                         SLOW_DATA_RANK="1", SLOW_DATA_S="0.08")
     rank0, rank1 = finish(ranks, timeout=240)
     assert rank0.returncode == 0 and rank1.returncode == 0, rank0.stderr + rank1.stderr
-    windows = [r for r in read_metrics(out) if r["kind"] == "train"][1:]  # the first window includes start-up
+    windows = records(out, "train")[1:]  # the first window includes start-up
     assert all(w["slowest_rank"] == 1 for w in windows), windows
     assert all(w["data_ms"][1] > w["data_ms"][0] + 200 for w in windows), windows  # 4 samples x 80 ms
     assert all(w["slowest_behind"] > 0.2 for w in windows), windows
@@ -85,7 +84,7 @@ def test_train_records_report_achieved_flops_and_mfu(tmp_path):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, 32, 32))
     per_sample = 3 * counter.get_total_flops()  # forward, and backward at twice the forward
-    for record in [r for r in read_metrics(out) if r["kind"] == "train"]:
+    for record in records(out, "train"):
         expected = per_sample * record["samples_per_sec"] / 2 / 1e12
         assert record["tflops_per_device"] == pytest.approx(expected, rel=1e-6)
         assert record["mfu"] == pytest.approx(expected / 0.5, rel=1e-6)

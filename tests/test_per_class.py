@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_torchrun, run_train
+from helpers import FAST, records, run_torchrun, run_train
 
 ARGS = [*FAST, "optim.lr=0.05"]
 
@@ -29,7 +29,7 @@ def checkpoint(tiny_images, tmp_path_factory) -> Path:
 
 def evaluated(out: Path) -> tuple[dict, dict]:
     """(the eval record, the confusion file) of an eval_only run."""
-    [record] = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    [record] = records(out, "eval")
     [confusion] = list((out / "confusion").glob("step_*.json"))
     return record, json.loads(confusion.read_text())
 

@@ -9,17 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, ROOT, assert_one_clear_error, run_train
 from dtrain.config import load_config
 from dtrain.data import EpochSeeded, RepeatedAugmentationSampler, SeededBatchTransform, seeded
-from dtrain.dist import DistEnv
 from dtrain.optim import build_optimizer, lr_factor, warmup_steps
 from dtrain.workloads import image
-
-
-def env_of(rank: int, world_size: int) -> DistEnv:
-    return DistEnv(mode="ddp" if world_size > 1 else "single", device=torch.device("cpu"), rank=rank,
-                   world_size=world_size)
+from helpers import FAST, ROOT, Numbers, assert_one_clear_error, env_of, run_train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,17 +83,6 @@ def test_validation_resizes_then_crops_the_image_size():
 
 # ---------------------------------------------------------------------------------------------
 # Repeated augmentation
-
-
-class Numbers(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 def ra_keys(n: int, world_size: int, reps: int, epoch: int = 0, skip: int = 0) -> list[list[tuple]]:

@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from conftest import ROOT, kill_session, read_metrics, run_torchrun, start, wait_until
+from helpers import (PATCHED_TRAIN, ROOT, kill_session, losses, read_checkpoint, read_metrics, records, run_torchrun,
+                     start, wait_until)
 
-PATCHED_TRAIN = str(Path(__file__).with_name("patched_train.py"))
 V2 = ["--config", str(ROOT / "configs" / "image" / "resnet50_v2.yaml")]
 # The preset at test size: resnet18 (BatchNorm, so the EMA averages buffers too) at 32 px, crops of 24 px,
 # 2 epochs of 6 steps (24 images: 12 per rank per epoch with ra_reps=4), an EMA update every 2 steps after a
@@ -24,10 +22,6 @@ SMALL = ["model.arch=resnet18", "data.image_size=32", "data.train_crop_size=24",
          "num_workers=1",
          "threads=1", "deterministic=true", "checkpoint_every=2", "keep_last=2", "resume=auto", "log_every=1",
          "progress=false", "timeout_s=60"]
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out) if r["kind"] == "train"}
 
 
 def test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run(tiny_images, tmp_path):
@@ -47,11 +41,11 @@ def test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run(tiny
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "epoch 1, step 8" in resumed.stdout
     assert losses(out) == losses(reference) and len(losses(reference)) == 12  # bit for bit
-    a, b = (torch.load(o / "checkpoints" / "last.pt", weights_only=True) for o in (reference, out))
+    a, b = read_checkpoint(reference), read_checkpoint(out)
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert any("running_mean" in k for k in a["ema"])  # the EMA carries BatchNorm statistics too
-    eval_ema = [r for r in read_metrics(out) if r["kind"] == "eval_ema"]
+    eval_ema = records(out, "eval_ema")
     assert eval_ema and eval_ema[-1]["samples"] == 7
 
 

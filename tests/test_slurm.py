@@ -3,32 +3,27 @@
 The cluster has two compute nodes, n1 and n2, each a network-namespace host with its own slurmd
 (tests/cluster_netns.py, tests/cluster_slurm.py), so a 2-node job really crosses two network stacks.
 Runs are tiny (a few steps of a small model on the MNIST demo data) so the module takes minutes.
-Skips when Slurm cannot be started here (not root, slurm-wlm/munge missing); with
-DTRAIN_REQUIRE_CLUSTER=1 (set by .ci/run) those skips become failures.
+Every test is marked needs_slurm: skipped when Slurm cannot be started here (not root, slurm-wlm/munge
+missing); with DTRAIN_REQUIRE_CLUSTER=1 (set by .ci/run) those skips become failures (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-import cluster_netns
-import cluster_slurm
-from cluster_netns import NetnsHosts, SessionLock
+from cluster_netns import NetnsHosts, SessionLock, port_taken
 from cluster_slurm import SlurmCluster
+from helpers import MNIST_DEMO_CONFIG as CONFIG
+from helpers import ROOT, logged_steps, read_checkpoint, records, run_bounded, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/image/mnist_demo.yaml"
+pytestmark = pytest.mark.needs_slurm
 # A few steps of a small model: fast on 2 cores. Every run logs each step (the preemption test
 # watches metrics.jsonl) and fails a collective after 60 s instead of the default 600.
 TINY = ["model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32", "data.val_crop_ratio=1.0",
@@ -36,17 +31,8 @@ TINY = ["model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32", "da
 JOB_TIMEOUT = 300  # seconds for one tiny job, start to finish, on a busy 2-core machine
 
 
-def skip_reason() -> str | None:
-    return cluster_netns.unavailable_reason() or cluster_slurm.unavailable_reason()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        if os.environ.get("DTRAIN_REQUIRE_CLUSTER") == "1":
-            pytest.fail(f"DTRAIN_REQUIRE_CLUSTER=1 but: {reason}")
-        pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("slurm_hosts")
     controller = socket.gethostname().split(".")[0]
     with SessionLock(), NetnsHosts(2, workdir, controller_name=controller) as hosts, SlurmCluster(hosts) as c:
@@ -57,8 +43,8 @@ def cluster(tmp_path_factory):
 def mnist(tmp_path_factory) -> Path:
     """The demo data (5,000 real MNIST digits as ImageFolder PNGs), written once for the module."""
     root = tmp_path_factory.mktemp("mnist")
-    subprocess.run([sys.executable, "-m", "dtrain.demo_data", "mnist", str(root)], check=True, timeout=120,
-                   capture_output=True)
+    written = run_bounded([sys.executable, "-m", "dtrain.demo_data", "mnist", str(root)], 120)
+    assert written.returncode == 0, written.stdout + written.stderr
     return root
 
 
@@ -74,16 +60,6 @@ def submit(cluster: SlurmCluster, script: str, sbatch_options: list[str], train_
 def job_output(info: dict[str, str]) -> str:
     path = Path(info["StdOut"])
     return path.read_text(errors="replace") if path.is_file() else ""
-
-
-def load_state(run_dir: Path) -> dict:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    return ckpt["state"]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 # Both script styles, on one node with two ranks and on two nodes (n1, n2) with one rank each.
@@ -109,18 +85,10 @@ def test_sbatch_script_trains_on_demo_data(mnist, cluster, tmp_path, layout):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), report
     assert info["NodeList"] == ("n[1-2]" if "2nodes" in layout else info["BatchHost"]), report
     assert re.search(r"^done: .*accuracy", job_output(info), re.M), report
-    state = load_state(run_dir)
+    state = read_checkpoint(run_dir)["state"]
     assert (state["step"], state["world_size"]) == (4, 2), state
-    evals = [m for m in read_metrics(run_dir) if m["kind"] == "eval"]
+    evals = records(run_dir, "eval")
     assert evals and evals[-1]["samples"] == 1000, evals  # every validation image counted once
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout:.0f}s")
-        time.sleep(0.2)
 
 
 # Steps long enough (resnet18, 64x64) that the signal, sent once step 2 is logged, lands mid-run.
@@ -135,8 +103,7 @@ def test_preemption_signal_saves_requeues_and_resumes(mnist, cluster, tmp_path, 
     run_dir = tmp_path / "run"
     job = submit(cluster, script, options, [f"data.root={mnist}", f"output_dir={run_dir}", *PREEMPT_ARGS],
                  tmp_path, **env)
-    wait_for(lambda: any(m["kind"] == "train" and m["step"] >= 2 for m in read_metrics(run_dir)),
-             JOB_TIMEOUT, "training step 2 in metrics.jsonl")
+    wait_until(lambda: logged_steps(run_dir) >= 2, timeout=JOB_TIMEOUT, what="training step 2 in metrics.jsonl")
     cluster.run("scancel", "--signal=USR1", job)
     info = cluster.wait_job(job, JOB_TIMEOUT)
     report = cluster.job_report(job)
@@ -152,9 +119,9 @@ def test_preemption_signal_saves_requeues_and_resumes(mnist, cluster, tmp_path, 
     assert f"requeued Slurm job {job}" in log, report
     assert f"resumed from {run_dir}/checkpoints/last.pt: epoch 0, step {step}" in log, report
     assert re.search(r"^done: ", log, re.M), report
-    assert load_state(run_dir)["step"] == PREEMPT_STEPS
+    assert read_checkpoint(run_dir)["state"]["step"] == PREEMPT_STEPS
     # The requeued run continued where the first stopped: no step trained twice, none skipped.
-    train_steps = [m["step"] for m in read_metrics(run_dir) if m["kind"] == "train"]
+    train_steps = [m["step"] for m in records(run_dir, "train")]
     assert train_steps == list(range(1, PREEMPT_STEPS + 1)), train_steps
 
 
@@ -176,11 +143,7 @@ def test_one_failing_rank_ends_the_job_at_once(mnist, cluster, tmp_path):
     ends rank 1, which would otherwise wait for the store until timeout_s (10 minutes here)."""
     port = 29555
     head = cluster.hosts[0]
-    squatter = subprocess.Popen(head.command([sys.executable, "-c", (
-        "import socket, time; s = socket.socket(); s.bind(('', %d)); s.listen(); print('listening', flush=True); "
-        "time.sleep(600)") % port]), stdout=subprocess.PIPE, text=True)
-    try:
-        assert squatter.stdout.readline().strip() == "listening"
+    with port_taken(head, port):
         start = time.monotonic()
         job = submit(cluster, "slurm/srun_cpu.sbatch",
                      ["--nodes=1", f"--nodelist={head.name}", "--ntasks-per-node=2", "--cpus-per-task=1"],
@@ -188,9 +151,6 @@ def test_one_failing_rank_ends_the_job_at_once(mnist, cluster, tmp_path):
                      tmp_path, MASTER_PORT=str(port))
         info = cluster.wait_job(job, JOB_TIMEOUT)
         elapsed = time.monotonic() - start
-    finally:
-        squatter.kill()
-        squatter.wait(timeout=10)
     report = cluster.job_report(job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", report
     assert elapsed < 120, f"job took {elapsed:.0f}s to fail\n{report}"
@@ -203,7 +163,7 @@ def test_srun_step_without_slurm_variables_is_a_clear_error(cluster, tmp_path):
     """A step whose tasks lack SLURM_PROCID/SLURM_LOCALID (a partial launch environment)."""
     start = time.monotonic()
     proc = cluster.run("srun", "--nodes=1", "--ntasks=2", "--kill-on-bad-exit=1",
-                       "env", "-u", "SLURM_PROCID", "-u", "SLURM_LOCALID", str(ROOT / ".venv/bin/python"),
+                       "env", "-u", "SLURM_PROCID", "-u", "SLURM_LOCALID", sys.executable,
                        "train.py", "--config", CONFIG, "data.synthetic=true", f"output_dir={tmp_path / 'run'}",
                        check=False, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and time.monotonic() - start < 60, proc.stdout + proc.stderr

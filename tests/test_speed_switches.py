@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, assert_one_clear_error, read_metrics, run_torchrun, run_train
+from helpers import (FAST, ROOT, TRAIN, assert_one_clear_error, initial_weights, losses, max_difference,
+                     read_checkpoint, run_bounded, run_torchrun, run_train, subprocess_env, weights)
 
 STEPS = 3
 # 48 images: 6 steps of 8 per epoch, so STEPS steps stay inside the first epoch. On the CPU even
@@ -24,34 +26,11 @@ SYNTHETIC = [*FAST, "data.synthetic=true", "data.synthetic_train_size=48", "data
              f"max_steps={STEPS}", "optim.schedule=constant", "mode=cpu"]
 BIG_BATCH = ["batch_size=8"]
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def train(tmp: Path, *overrides: str, **env: str) -> Path:
     proc = run_train([*SYNTHETIC, *overrides, f"output_dir={tmp}"], **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp
-
-
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def initial_weights() -> dict[str, torch.Tensor]:
-    """The model before any step: the loop seeds with cfg.seed (0) right before building it."""
-    import torchvision
-
-    torch.manual_seed(0)
-    return torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=10, dropout=0.0).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +84,6 @@ train["exit_process"](code)
 
 
 def test_ddp_accumulation_all_reduces_once_per_optimizer_step(reference: Path, tmp_path: Path):
-    from conftest import TRAIN
-
     script = tmp_path / "counting_train.py"
     script.write_text(COUNTING_TRAIN)
     out = tmp_path / "run"
@@ -118,8 +95,8 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(reference: Path, t
     reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in (0, 1)]
     # no_sync on the non-final micro-step: STEPS rounds, not STEPS x grad_accum_steps.
     assert [r["all_reduce_rounds"] for r in reports] == [STEPS, STEPS]
-    # threads=0: OMP_NUM_THREADS=1 from the environment (set by conftest; torchrun sets 1 itself when it is
-    # unset), not the 3 the process started with.
+    # threads=0: OMP_NUM_THREADS=1 from the environment (set by helpers.subprocess_env; torchrun sets 1 itself
+    # when it is unset), not the 3 the process started with.
     assert [r["threads"] for r in reports] == [1, 1]
     assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
     assert max_difference(weights(out), weights(reference)) < 1e-5
@@ -171,17 +148,11 @@ train["exit_process"](code)
 ])
 def test_thread_count_follows_the_setting_then_the_environment_then_the_cores(tmp_path: Path, setting, env,
                                                                                expected, said):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, TRAIN, subprocess_env
-
     script, report = tmp_path / "threads_train.py", tmp_path / "threads"
     script.write_text(THREADS_TRAIN)
     environ = {k: v for k, v in subprocess_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    proc = subprocess.run([sys.executable, str(script), *SYNTHETIC, "max_steps=1", *setting, f"output_dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**environ, **env, "REPORT": str(report), "TRAIN": TRAIN})
+    proc = run_bounded([sys.executable, str(script), *SYNTHETIC, "max_steps=1", *setting, f"output_dir={tmp_path}"],
+                       180, {**environ, **env, "REPORT": str(report), "TRAIN": TRAIN}, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert int(report.read_text()) == expected
     assert said in proc.stdout and proc.stdout.count("threads: ") == 1
@@ -244,7 +215,7 @@ def test_resume_keeps_this_runs_optimizer_implementation():
 
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(reference: Path, tmp_path: Path):
     run = train(tmp_path, *BIG_BATCH, "precision=bf16")
-    got, want = losses(run), losses(reference)
+    got, want = list(losses(run).values()), list(losses(reference).values())
     assert all(abs(g - w) <= 0.02 * abs(w) for g, w in zip(got, want)), (got, want)
     assert got != want, "bf16 gave bit-identical losses: autocast did not take effect"
 
@@ -254,16 +225,16 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path: Path):
     assert_one_clear_error(proc, "fp16", "GPU", "bf16")
 
 
-@needs_gpu
+@pytest.mark.needs_cuda
 def test_fp16_with_gradient_scaler_on_gpu(tmp_path: Path):
     # 8 steps: the scaler may skip the first few while it lowers its initial scale (65536) to fit fp16.
     gpu = [*BIG_BATCH, "mode=auto", "max_steps=8"]
     fp32 = train(tmp_path / "fp32", *gpu, CUDA_VISIBLE_DEVICES="0")
     fp16 = train(tmp_path / "fp16", *gpu, "precision=fp16", CUDA_VISIBLE_DEVICES="0")
-    got, want = losses(fp16), losses(fp32)
+    got, want = list(losses(fp16).values()), list(losses(fp32).values())
     assert got[0] == pytest.approx(want[0], rel=1e-2)  # same initial weights, same batch
     assert all(map(torch.isfinite, torch.tensor(got)))
-    scaler = torch.load(fp16 / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["scaler"]
+    scaler = read_checkpoint(fp16)["scaler"]
     assert scaler.get("scale", 0) > 0, f"the gradient scaler was not enabled: {scaler}"
     assert max_difference(weights(fp16), initial_weights()) > 1e-3, "every fp16 step was skipped"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, read_metrics, run_torchrun, run_train
-from test_fsdp import SYNTH, max_difference, weights
+from helpers import (FAST, SYNTH, max_difference, read_checkpoint, read_metrics, records, run_torchrun, run_train,
+                     weights)
 
 # resnet18 has BatchNorm everywhere; at 32 px its last stage sees 1x1 maps, so the statistics of a half batch
 # differ from the whole batch's a lot. Two steps: a third and fourth step amplify float rounding through
@@ -60,21 +60,8 @@ EMA = [*SYNTH, "ema.enabled=true", "ema.steps=2", "ema.decay=0.99", "optim.sched
        "best_metric=ema_accuracy"]
 
 
-def last_checkpoint(out: Path) -> dict:
-    """The newest checkpoint as one file's content (a sharded one is consolidated first)."""
-    from dtrain.checkpoint import consolidate
-
-    last = out / "checkpoints" / "last"
-    path = consolidate(last, out / "consolidated.pt") if last.exists() else out / "checkpoints" / "last.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def ema_of(out: Path) -> dict[str, torch.Tensor]:
-    return last_checkpoint(out)["ema"]
-
-
-def evals(out: Path, kind: str) -> list[dict]:
-    return [r for r in read_metrics(out) if r["kind"] == kind]
+    return read_checkpoint(out)["ema"]
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +78,17 @@ def ema_reference(tmp_path_factory) -> Path:
 def test_ema_of_two_ranks_equals_one_process_and_is_evaluated_after_the_model(ema_reference, tmp_path, mode):
     proc = run_torchrun([*EMA, "batch_size=4", "max_steps=6", f"mode={mode}", f"output_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr
-    last = last_checkpoint(tmp_path)
+    last = read_checkpoint(tmp_path)
     reference, two = ema_of(ema_reference), last["ema"]
     assert max_difference(reference, two) < 1e-5
     assert max_difference(last["model"], two) > 1e-4, "the EMA equals the model: the comparison would be vacuous"
     # Each rank evaluated its share of the 9 images with its own copy (or shard) of the average: equal
     # averages on every rank are what makes the sums equal one process's.
-    one_ema, two_ema = evals(ema_reference, "eval_ema")[-1], evals(tmp_path, "eval_ema")[-1]
+    one_ema, two_ema = records(ema_reference, "eval_ema")[-1], records(tmp_path, "eval_ema")[-1]
     assert two_ema["samples"] == 9 and two_ema["loss"] == pytest.approx(one_ema["loss"], rel=1e-5)
-    assert two_ema["loss"] != pytest.approx(evals(tmp_path, "eval")[-1]["loss"], rel=1e-4)
-    records = [r["kind"] for r in read_metrics(tmp_path) if r["kind"].startswith("eval")]
-    assert records == ["eval", "eval_ema"]
+    assert two_ema["loss"] != pytest.approx(records(tmp_path, "eval")[-1]["loss"], rel=1e-4)
+    kinds = [r["kind"] for r in read_metrics(tmp_path) if r["kind"].startswith("eval")]
+    assert kinds == ["eval", "eval_ema"]
     assert last["state"]["best_metric"] == "ema_accuracy"
     assert last["state"]["best_accuracy"] == pytest.approx(two_ema["accuracy"])  # best.pt chosen by the EMA
     assert last["ema_updates"] == 3

@@ -6,9 +6,9 @@ import re
 import shutil
 
 import pytest
-import torch
 
-from conftest import FAST, assert_one_clear_error, read_metrics, run_train, write_image_folder
+from helpers import (FAST, assert_one_clear_error, read_checkpoint, read_metrics, records, run_train,
+                     write_image_folder)
 
 
 def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
@@ -18,9 +18,9 @@ def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
     assert (out / "config.yaml").is_file()
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", "best.pt", "step_00000012.pt"}
-    records = read_metrics(out)
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    metrics = read_metrics(out)
+    train = [r for r in metrics if r["kind"] == "train"]
+    evals = [r for r in metrics if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 13))  # 24 images / batch 4 = 6 steps per epoch
     assert set(train[0]) == {"kind", "epoch", "step", "loss", "lr", "samples_per_sec", "tflops_per_device",
                              "data_ms", "compute_ms", "step_ms", "step_ms_max", "slowest_rank", "slowest_behind"}
@@ -31,9 +31,9 @@ def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
                         proc.stdout, re.M)
     assert [[int(row.split()[-1]) for row in table.splitlines()] for table in tables] == [[3, 2, 2]] * 2, proc.stdout
     assert [e["per_class"]["support"] for e in evals] == [[3, 2, 2]] * 2
-    memory = [r for r in records if r["kind"] == "memory"]
+    memory = [r for r in metrics if r["kind"] == "memory"]
     assert memory and memory[0]["peak_rss_mb"][0] > 50
-    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    last = read_checkpoint(out)
     assert not any(k.startswith("module.") for k in last["model"])
     assert last["state"]["epoch"] == 2 and last["state"]["step"] == 12
 
@@ -45,7 +45,7 @@ def test_resume_auto_continues_and_eval_only_evaluates(tiny_images, tmp_path):
     proc = run_train([*args, "epochs=2"])
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout and "epoch 1, step 6" in proc.stdout
-    steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    steps = [r["step"] for r in records(out, "train")]
     assert steps == list(range(1, 13))  # no step repeated, none lost
     proc = run_train([*FAST, f"data.root={tiny_images}", f"output_dir={tmp_path / 'eval'}", "eval_only=true",
                       f"resume={out / 'checkpoints' / 'best.pt'}"])

@@ -6,12 +6,11 @@ main() returns only the Python main thread may remain.
 
 import json
 import os
-import runpy
 import sys
 from pathlib import Path
 
-train = Path(__file__).resolve().parents[1] / "train.py"
-sys.argv = [str(train), *sys.argv[1:]]
-code = runpy.run_path(str(train), run_name="train")["main"]()
+from helpers import load_train
+
+code = load_train(sys.argv[1:])["main"]()
 names = sorted(Path(f"/proc/self/task/{task}/comm").read_text().strip() for task in os.listdir("/proc/self/task"))
 print(json.dumps({"exit_code": code, "threads": names}), flush=True)
