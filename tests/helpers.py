@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -134,12 +135,23 @@ def start_ranks(args: list[str], world_size: int = 2, script: str = TRAIN, port:
 # Waiting within bounded time
 
 def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the process and everything in its session (launchers' workers, DataLoader workers)."""
+    """SIGKILL the process, everything in its session, and every descendant that left it: torchrun
+    starts each worker in a session of its own, so killing torchrun's session alone leaves the
+    workers running (a worker blocked on purpose lived on for the rest of the suite)."""
     if proc.poll() is None:
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             proc.kill()
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         proc.wait()
 
 
