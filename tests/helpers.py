@@ -217,8 +217,6 @@ def wait_until(condition, *procs: subprocess.Popen, timeout: float = 120, what: 
 
 def worker_with_local_rank(launcher: subprocess.Popen, local_rank: int):
     """The launcher's worker process (psutil) with this LOCAL_RANK, or None."""
-    import psutil
-
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
             if child.environ().get("LOCAL_RANK") == str(local_rank):
@@ -226,6 +224,16 @@ def worker_with_local_rank(launcher: subprocess.Popen, local_rank: int):
         except psutil.Error:
             continue
     return None
+
+
+def run_elastic_killing_worker_1(args: list[str], out: Path, after_steps: int = 7,
+                                 timeout: float = 240) -> subprocess.CompletedProcess:
+    """torchrun with 2 workers and --max-restarts=1; SIGKILL of local rank 1 once `after_steps` steps are
+    logged, then the restarted job runs to its end."""
+    launcher = start([*args, f"output_dir={out}"], nproc=2, launcher_args=("--max-restarts=1",))
+    wait_until(lambda: logged_steps(out) >= after_steps, launcher, what=f"step {after_steps}")
+    wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1").kill()
+    return finish([launcher], timeout=timeout)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import (FAST, PATCHED_TRAIN, assert_one_clear_error, assert_same_run, error_lines, finish, logged_steps,
-                     read_checkpoint, run_bounded, run_torchrun, run_train, start, start_ranks, wait_until,
-                     worker_with_local_rank)
+                     read_checkpoint, run_bounded, run_elastic_killing_worker_1, run_torchrun, run_train, start,
+                     start_ranks, wait_until)
 
 # Augmentation on (random crops + flips) and a DataLoader worker: exactness must not rely on either being off.
 EXACT = [*FAST, "data.augment=true", "data.min_crop_scale=0.5", "num_workers=1", "threads=1",
@@ -44,10 +44,7 @@ def test_sigkill_of_one_worker_under_elastic_restart_finishes_identically(tiny_i
     reference = tmp_path / "reference"
     assert run_torchrun([*args, f"output_dir={reference}"]).returncode == 0
     out = tmp_path / "elastic"
-    launcher = start([*args, f"output_dir={out}"], nproc=2, launcher_args=("--max-restarts=1",))
-    wait_until(lambda: logged_steps(out) >= 7, launcher, what="step 7")
-    wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1").kill()
-    done = finish([launcher], timeout=240)[0]
+    done = run_elastic_killing_worker_1(args, out)
     stdout, stderr = done.stdout, done.stderr
     assert done.returncode == 0, stderr
     assert "resumed from" in stdout

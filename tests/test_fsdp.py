@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, losses,
-                     max_difference, records, run_torchrun, run_train, start, start_ranks, wait_until, weights,
-                     worker_with_local_rank)
+from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, losses, max_difference,
+                     records, run_elastic_killing_worker_1, run_torchrun, run_train, start_ranks, wait_until, weights)
 
 # Runs continued with a larger max_steps: a constant lr, as the schedule's length depends on max_steps.
 CONSTANT_LR = ["optim.schedule=constant"]
@@ -54,10 +53,7 @@ def test_killed_worker_under_elastic_restart_finishes_identically(tmp_path):
     reference = tmp_path / "reference"
     assert run_torchrun([*args, f"output_dir={reference}"]).returncode == 0
     out = tmp_path / "elastic"
-    launcher = start([*args, f"output_dir={out}"], nproc=2, launcher_args=("--max-restarts=1",))
-    wait_until(lambda: logged_steps(out) >= 7, launcher, what="step 7")
-    wait_until(lambda: worker_with_local_rank(launcher, 1), launcher, what="worker 1").kill()
-    done = finish([launcher], timeout=300)[0]
+    done = run_elastic_killing_worker_1(args, out, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
     assert losses(out) == losses(reference)  # bit for bit
