@@ -100,7 +100,8 @@ def child_loader(preset: str, root: str, workers: int, batch: int) -> None:
     env = DistEnv(mode="single", device=torch.device("cpu"))
     train_set, val_set = image.image_folders(cfg.data)
     loader, sampler, _ = make_loaders(train_set, val_set, image.collate_skipping_bad, cfg, env, True,
-                                      image.mixup_cutmix(cfg.data, len(train_set.classes)), cfg.data.ra_reps)
+                                      batch_transform=image.mixup_cutmix(cfg.data, len(train_set.classes)),
+                                      ra_reps=cfg.data.ra_reps)
     for epoch in range(2):
         sampler.start_epoch(epoch)
         began, images = time.perf_counter(), 0

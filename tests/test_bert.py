@@ -225,7 +225,7 @@ def test_grouping_by_length_pads_less_and_evaluates_every_example(ws: Path, tmp_
         task = bert.build(cfg, env)
         assert (task.lengths is not None) == (grouping == "true")
         train, sampler, val = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                           task.random_samples, task.lengths)
+                                           task.random_samples, lengths=task.lengths)
         sampler.start_epoch(0)
         batches = list(train)
         pads = sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(len(b["labels"]) for b in batches)

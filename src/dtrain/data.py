@@ -238,7 +238,7 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, env: DistEnv,
-                 random_samples: bool = True, batch_transform: Callable[[Any], Any] | None = None,
+                 random_samples: bool = True, *, batch_transform: Callable[[Any], Any] | None = None,
                  ra_reps: int = 1, lengths: tuple[Sequence[int], Sequence[int]] | None = None,
                  ) -> tuple[DataLoader, ResumableSampler, DataLoader]:
     """Training and validation loaders; `lengths` (train, validation) groups batches by length,
