@@ -251,7 +251,7 @@ def write_json(results_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     """A dated, machine-stamped result: <date>-<name>.json (every figure) and <date>-<name>.md (the
     command and the table). Full runs go to bench/results/ and are committed; --quick smoke runs to
     bench/results/quick/ (ignored by git)."""
-    folder = results_dir / "quick" if name.endswith("-quick") else results_dir
+    folder = results_folder(results_dir, name)
     folder.mkdir(parents=True, exist_ok=True)
     date = payload.get("machine", {}).get("date", datetime.date.today().isoformat())[:10]
     path = folder / f"{date}-{name}.json"
@@ -262,10 +262,14 @@ def write_json(results_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def results_folder(results_dir: Path, name: str) -> Path:
+    """Where a result named `name` lives: --quick smoke runs apart, in quick/."""
+    return results_dir / "quick" if name.endswith("-quick") else results_dir
+
+
 def latest_result(results_dir: Path, name: str) -> Path | None:
     """The newest <date>-<name>.json (dates sort as text)."""
-    folder = results_dir / "quick" if name.endswith("-quick") else results_dir
-    found = sorted(folder.glob(f"????-??-??-{name}.json"))
+    found = sorted(results_folder(results_dir, name).glob(f"????-??-??-{name}.json"))
     return found[-1] if found else None
 
 

@@ -82,10 +82,8 @@ class RunLogger:
                 # one value per rank: the spread, which stays three curves at any world size
                 for name, stat in (("min", min(value)), ("median", statistics.median(value)), ("max", max(value))):
                     self.tb.add_scalar(f"{kind}/{key}/{name}", stat, step)
-        self.print(_format(record))
-        if "per_class" in record:
-            for line in _per_class_lines(record["per_class"]):
-                self.print(line)
+        table = _per_class_lines(record["per_class"]) if "per_class" in record else []
+        self.print("\n".join([_format(record), *table]))  # one eval text: above the progress bar, whole
 
     def confusion(self, kind: str, step: int, classes: list[str], matrix: list[list[int]]) -> None:
         """Rank 0: one evaluation's confusion matrix (rows: true class, columns: predicted class) to
@@ -108,7 +106,7 @@ class RunLogger:
     def print(self, line: str) -> None:
         if not self.env.is_main:
             return
-        if self.bar is not None and not line.startswith(("eval", "  ")):  # train lines: the bar's postfix
+        if self.bar is not None and not line.startswith("eval"):
             self.bar.set_postfix_str(line.split(" ", 3)[-1], refresh=True)
         elif self.bar is not None:
             self.bar.write(line)
