@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import errno
 import io
 import os
@@ -29,9 +30,10 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,8 +111,14 @@ def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, 
     staging = final.with_name(final.name + ".tmp")
     with _save_errors(ckpt_dir, final, [staging.name]):
         dcp.save(tensors, checkpoint_id=staging, no_dist=not _distributed())
-    if not is_main:
-        return final
+    if is_main:
+        _complete_sharded(meta, ckpt_dir, final, staging, keep_last, is_best)
+    return final
+
+
+def _complete_sharded(meta: dict[str, Any], ckpt_dir: Path, final: Path, staging: Path, keep_last: int,
+                      is_best: bool) -> None:
+    """Rank 0, once every rank's shard is written: add the rest, rename step_N.tmp/, move the links, prune."""
     with _save_errors(ckpt_dir, final, [staging.name, "last.tmp", "best.tmp"]):
         _atomic_torch_save(meta, staging / STATE_FILE)
         for part in staging.iterdir():  # DCP does not fsync what it wrote
@@ -123,7 +131,105 @@ def save_sharded(tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, 
             _atomic_symlink(final.name, ckpt_dir / name)
             _remove_quietly(ckpt_dir / f"{name}.pt")  # a single-file save's pointer: this one is newer
     prune(ckpt_dir, max(keep_last, 1))  # the folder `last` points to is the newest step entry itself
-    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving in the background (async_save=true)
+
+
+class HostCopy:
+    """A state's tensors copied into host memory the training step does not touch, so that a background
+    write sees the state of one step. The buffers are kept from save to save (pinned where the tensors
+    are on a GPU: the copy off the device is then one transfer the step waits for, and nothing else);
+    a save never starts before the previous write ended, so no buffer is read while it is refilled."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, state: Any) -> Any:
+        on_gpu: list[bool] = []
+        copied = self._copy(state, "", on_gpu)
+        if any(on_gpu):  # non-blocking copies: the buffers are complete only once the stream got there
+            torch.cuda.current_stream().synchronize()
+        return copied
+
+    def _copy(self, value: Any, key: str, on_gpu: list[bool]) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(value.detach(), key, on_gpu)
+        if isinstance(value, dict):
+            return {k: self._copy(v, f"{key}/{k}", on_gpu) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(self._copy(v, f"{key}/{i}", on_gpu) for i, v in enumerate(value))
+        return copy.deepcopy(value)  # plain values: the loop may change lists and dicts it handed over
+
+    def _copy_tensor(self, tensor: torch.Tensor, key: str, on_gpu: list[bool]) -> torch.Tensor:
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            self.buffers[key] = buffer
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+        on_gpu.append(tensor.is_cuda)
+        return buffer
+
+
+class BackgroundWrite:
+    """At most one checkpoint write in flight, in a thread of its own. A failure is kept as the
+    UserError a synchronous save would have raised; `wait` hands it over once the write has ended."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._failure: UserError | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, write: Callable[[], Any]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint write started before the previous one was waited for")
+        self._thread = threading.Thread(target=self._run, args=(write,), name="dtrain-checkpoint-write")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], Any]) -> None:
+        try:
+            write()
+        except UserError as e:
+            self._failure = e
+        except Exception as e:  # noqa: BLE001 - reported by the training thread, at its next wait
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self._failure = UserError(f"the background checkpoint write failed: {type(e).__name__}: {first}")
+
+    def wait(self) -> UserError | None:
+        """Block until the write in flight (if any) has ended; its failure, or None."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        return failure
+
+
+def save_sharded_in_background(tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, step: int,
+                               keep_last: int, is_best: bool, is_main: bool, process_group: Any,
+                               writer: BackgroundWrite) -> None:
+    """Every rank: torch.distributed.checkpoint.async_save copies this rank's tensors to host memory
+    now and writes them in its own thread (collectives on `process_group`, not the training's); the
+    writer thread then waits for that and (rank 0) completes the save as save_sharded does."""
+    import torch.distributed.checkpoint as dcp
+
+    final = ckpt_dir / f"step_{step:08d}"
+    staging = final.with_name(final.name + ".tmp")
+    with _save_errors(ckpt_dir, final, [staging.name]):
+        pending = dcp.async_save(tensors, checkpoint_id=staging, process_group=process_group,
+                                 no_dist=not _distributed())
+    meta = copy.deepcopy(meta)  # the rest: plain values the loop goes on changing
+
+    def finish() -> None:
+        with _save_errors(ckpt_dir, final, [staging.name]):
+            pending.result()
+        if is_main:
+            _complete_sharded(meta, ckpt_dir, final, staging, keep_last, is_best)
+
+    writer.start(finish)
 
 
 @contextlib.contextmanager

@@ -186,6 +186,8 @@ class Config:
         "accuracy", "what best.pt is chosen by: the model's validation accuracy or the EMA's (needs ema.enabled)")
     checkpoint_every: int = opt(0, "also save last.pt every N optimizer steps, mid-epoch (0 = each epoch only)")
     keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt")
+    async_save: bool = opt(False, "write checkpoints in the background: a save blocks training only while the state "
+                                  "is copied to host memory (costs a host copy of the state; docs/checkpoints.md)")
     num_workers: int = opt(2, "DataLoader worker processes per rank")
     threads: int = opt(0, "torch intra-op threads per process (0 = OMP_NUM_THREADS / MKL_NUM_THREADS if set, "
                           "else CPU cores / processes on this node)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class Trainer:
     timing: TimingWatch | None = None  # every rank's timing -> metrics and straggler warnings
     profiler: Profiler | None = None
     flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
+    saves: "BackgroundSaves | None" = None  # async_save: the checkpoint write in flight
 
 
 class NonfiniteWatch:
@@ -95,6 +97,7 @@ def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
                 return evaluate_and_log(trainer)
             return fit(trainer)
         finally:
+            wait_for_background_save(trainer)  # an error too: a write in flight ends before the process does
             trainer.profiler.close()
             trainer.logger.close()
     finally:
@@ -175,6 +178,8 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
                 profiler=Profiler(cfg.output_dir, env.rank, cfg.profile.start_step, cfg.profile.steps,
                                   cfg.profile.cuda_memory))
     t.flops_per_sample = count_flops(t)
+    if cfg.async_save and not cfg.eval_only:
+        t.saves = BackgroundSaves(env, strategy.sharded)
     return t
 
 
@@ -218,6 +223,7 @@ def fit(t: Trainer) -> dict[str, float]:
             stop_after_save(t)
     if not metrics:  # resumed a finished run: report where it stands
         metrics = evaluate_and_log(t)
+    finish_saves(t)  # the run's last checkpoint is complete before the run reports it is done
     if t.task.export is not None:
         whole = t.strategy.full_model_state_dict()  # every rank: a collective under FSDP
         if t.env.is_main:
@@ -295,6 +301,7 @@ def train_one_epoch(t: Trainer) -> None:
 
 def stop_after_save(t: Trainer) -> None:
     """Every rank got here at the same step, after the checkpoint was written."""
+    finish_saves(t)  # a background write: stopped only once it is complete (and last.pt points at it)
     if t.env.is_main:
         t.logger.print(f"stopped at step {t.state.step}: checkpoint saved in {ckpt.checkpoint_dir(t.cfg.output_dir)}")
         if t.cfg.requeue and "SLURM_JOB_ID" in os.environ:
@@ -443,6 +450,7 @@ def save(t: Trainer, score: float | None) -> None:
     `score` is this save's value of best_metric (None when it was not evaluated)."""
     t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
     t.heartbeat.enter("checkpoint")
+    finish_saves(t)  # one write at a time: a save waits for the previous one (and stops if it failed)
     state, env = t.state, t.env
     is_best = score is not None and score > state.best_accuracy
     if is_best:
@@ -466,15 +474,66 @@ def save(t: Trainer, score: float | None) -> None:
             tensors, rest = ckpt.split_tensors(model_state, optim_state)
             if t.ema is not None:
                 tensors["ema"] = t.ema.tensors  # this rank's shards, as the model's
-            ckpt.save_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best, env.is_main)
+            if t.saves is not None:
+                t.saves.start_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best)
+            else:
+                ckpt.save_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best,
+                                  env.is_main)
         elif env.is_main:
             if t.ema is not None:
                 meta["ema"] = t.ema.whole_state()
-            ckpt.save_checkpoint({**meta, "model": model_state, "optimizer": optim_state}, ckpt_dir, state.step,
-                                 t.cfg.keep_last, is_best)
+            payload = {**meta, "model": model_state, "optimizer": optim_state}
+            if t.saves is not None:
+                t.saves.start_file(payload, ckpt_dir, state.step, t.cfg.keep_last, is_best)
+            else:
+                ckpt.save_checkpoint(payload, ckpt_dir, state.step, t.cfg.keep_last, is_best)
     except UserError as e:
         failure = e
-    agree_on_failure(failure, env)  # also the barrier: nobody runs ahead (or exits) before the save is complete
+    # Also the barrier: nobody runs ahead (or exits) before the save is complete, or (async_save) before
+    # its state is copied off the device; a background write's failure is learnt at the next finish_saves.
+    agree_on_failure(failure, env)
+
+
+class BackgroundSaves:
+    """async_save=true: the state is copied to host memory at the save, then written in a thread."""
+
+    def __init__(self, env: DistEnv, sharded: bool):
+        self.env = env
+        self.write = ckpt.BackgroundWrite()
+        self.host = ckpt.HostCopy()
+        # torch.distributed.checkpoint's background thread runs collectives: on a group of its own, so
+        # that they never interleave with the training's on the default group.
+        self.group = None
+        if sharded and env.distributed:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")
+
+    def start_file(self, payload: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, is_best: bool) -> None:
+        copied = self.host.take(payload)
+        self.write.start(lambda: ckpt.save_checkpoint(copied, ckpt_dir, step, keep_last, is_best))
+
+    def start_sharded(self, tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, step: int,
+                      keep_last: int, is_best: bool) -> None:
+        ckpt.save_sharded_in_background(tensors, meta, ckpt_dir, step, keep_last, is_best, self.env.is_main,
+                                        self.group, self.write)
+
+
+def finish_saves(t: Trainer) -> None:
+    """All ranks: wait for the background write in flight; if it failed anywhere, every rank stops with its error."""
+    if t.saves is None:
+        return
+    agree_on_failure(t.saves.write.wait(), t.env)
+
+
+def wait_for_background_save(t: Trainer) -> None:
+    """On the way out, whatever the reason: the write in flight ends (complete or failed) first. No
+    collective here: the other ranks may be gone."""
+    if t.saves is None:
+        return
+    failure = t.saves.write.wait()
+    if failure is not None:
+        print(f"warning [rank {t.env.rank}]: {failure}", file=sys.stderr, flush=True)
 
 
 def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler, scaler,
