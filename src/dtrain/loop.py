@@ -302,13 +302,18 @@ def train_one_epoch(t: Trainer) -> None:
 def stop_after_save(t: Trainer) -> None:
     """Every rank got here at the same step, after the checkpoint was written."""
     finish_saves(t)  # a background write: stopped only once it is complete (and last.pt points at it)
+    exit_code = StopTraining.exit_code
     if t.env.is_main:
         t.logger.print(f"stopped at step {t.state.step}: checkpoint saved in {ckpt.checkpoint_dir(t.cfg.output_dir)}")
         if t.cfg.requeue and "SLURM_JOB_ID" in os.environ:
-            t.logger.print(requeue_slurm_job())
-    # Nobody exits before rank 0 has requeued: a launcher that sees one rank exit may kill the rest.
-    barrier(t.env)
-    raise StopTraining()
+            requeue = requeue_slurm_job()
+            t.logger.print(requeue.line)
+            exit_code = requeue.exit_code
+    # Nobody exits before rank 0 has requeued (a launcher that sees one rank exit may kill the rest),
+    # and every rank exits with rank 0's code (srun reports the highest).
+    stop = StopTraining()
+    stop.exit_code = broadcast_object(exit_code, t.env)
+    raise stop
 
 
 def optimizer_step(t: Trainer) -> None:

@@ -8,10 +8,15 @@ A second signal ends the process at once with the signal's default action.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from dtrain.dist import DistEnv, any_rank
 
@@ -44,15 +49,58 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def requeue_slurm_job() -> str:
-    """Ask Slurm to requeue this job (it restarts later and resumes from last.pt). Returns a status line."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return "not in a Slurm job: nothing to requeue"
+# Exit code of a run that stopped and saved but could not requeue its Slurm job itself (no `scontrol`
+# where it runs, e.g. inside a container, or scontrol failed): the sbatch scripts requeue it from the
+# batch shell, which runs outside the container. 3 stays "stopped after saving, nothing more to do".
+REQUEUE_ME = 4
+# Set by the torchrun-style sbatch scripts: torchrun turns a worker's exit code into 1, so rank 0 also
+# leaves its request in this file for the batch shell.
+REQUEUE_FILE_VAR = "DTRAIN_REQUEUE_FILE"
+
+
+@dataclass
+class Requeue:
+    line: str  # what happened, for the log
+    exit_code: int  # 3: done (requeued, or nothing to requeue); REQUEUE_ME: the batch script should requeue
+
+
+def slurm_requeue_target(environ: Mapping[str, str]) -> str:
+    """The id `scontrol requeue` must name: in a job array the task itself (<array job id>_<task id>),
+    since the array's own id (which one task carries as its SLURM_JOB_ID) names every task."""
+    array_job, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return environ["SLURM_JOB_ID"]
+
+
+def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> Requeue:
+    """Ask Slurm to requeue this job (it restarts later and resumes from last.pt)."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("SLURM_JOB_ID"):
+        return Requeue("not in a Slurm job: nothing to requeue", 3)
+    target = slurm_requeue_target(environ)
+    if environ.get("SLURM_HET_SIZE"):
+        return _ask_batch_script(environ, f"heterogeneous Slurm job {target}: Slurm requeues only the whole job, "
+                                          "from its batch script")
+    scontrol = shutil.which("scontrol", path=environ.get("PATH"))
+    if scontrol is None:
+        return _ask_batch_script(environ, "scontrol is not on PATH here (a container?)")
     try:
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([scontrol, "requeue", target], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"scontrol requeue {job_id} failed: {e}"
-    if done.returncode != 0:
-        return f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}"
-    return f"requeued Slurm job {job_id}"
+        return _ask_batch_script(environ, f"scontrol requeue {target} failed: {e}")
+    if done.returncode == 0:
+        return Requeue(f"requeued Slurm job {target}", 3)
+    why = (done.stderr or done.stdout).strip().splitlines()[-1] if (done.stderr or done.stdout).strip() else ""
+    if "disabled" in why.lower():  # the job is not requeueable: the batch shell would be refused too
+        return Requeue(f"Slurm job {target} was not requeued ({why}): it was submitted without --requeue (or the "
+                       "cluster sets JobRequeue=0); submit it again, with --requeue, and it resumes from last.pt", 3)
+    return _ask_batch_script(environ, f"scontrol requeue {target} failed: {why}")
+
+
+def _ask_batch_script(environ: Mapping[str, str], why: str) -> Requeue:
+    flag = environ.get(REQUEUE_FILE_VAR)
+    if flag:
+        with contextlib.suppress(OSError):
+            Path(flag).write_text(f"{REQUEUE_ME}\n")
+    return Requeue(f"{why}; exiting with code {REQUEUE_ME} so that the batch script requeues the job", REQUEUE_ME)
