@@ -169,3 +169,58 @@ def test_srun_step_without_slurm_variables_is_a_clear_error(cluster, tmp_path):
     assert proc.returncode != 0 and time.monotonic() - start < 60, proc.stdout + proc.stderr
     assert "srun launch without SLURM_PROCID, SLURM_LOCALID" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Requeue that targets the right job: an array task, and a run that cannot requeue itself.
+
+SLURM_PYTHON = ROOT / "tests" / "slurm_python.sh"  # TASK_OUTPUT_DIR, NO_SCONTROL: see the script
+ONE_RANK = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1"]
+
+
+def assert_requeued_and_resumed(info: dict[str, str], report: str, run_dir: Path, requeued: str) -> None:
+    """Stopped mid-run, requeued by `requeued` (a line of the log), resumed at that step, finished once."""
+    log = job_output(info)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), report
+    assert requeued in log, report
+    stopped = re.search(r"^stopped at step (\d+)", log, re.M)
+    assert stopped and 2 <= int(stopped.group(1)) < PREEMPT_STEPS, report
+    assert f"resumed from {run_dir}/checkpoints/last.pt: epoch 0, step {stopped.group(1)}" in log, report
+    train_steps = [m["step"] for m in records(run_dir, "train")]
+    assert train_steps == list(range(1, PREEMPT_STEPS + 1)), train_steps
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_preempting_one_array_task_requeues_that_task_only(mnist, cluster, tmp_path, signalled):
+    """In a 2-task array one task's SLURM_JOB_ID is the array's own id; requeueing that id would put
+    back both tasks. Each task in turn gets the signal: it alone restarts, the other runs once."""
+    runs = tmp_path / "runs"
+    job = submit(cluster, "slurm/srun_cpu.sbatch", ["--array=0-1", *ONE_RANK, f"--output={tmp_path}/%x-%A_%a.out"],
+                 [f"data.root={mnist}", *PREEMPT_ARGS], tmp_path, PYTHON=str(SLURM_PYTHON),
+                 TASK_OUTPUT_DIR=str(runs))
+    task, other = f"{job}_{signalled}", f"{job}_{1 - signalled}"
+    wait_until(lambda: logged_steps(runs / f"task_{signalled}") >= 2, timeout=JOB_TIMEOUT,
+               what=f"training step 2 of task {signalled}")
+    cluster.run("scancel", "--signal=USR1", task)
+    done = {t: cluster.wait_job(t, JOB_TIMEOUT) for t in (task, other)}
+    report = cluster.job_report(task) + cluster.job_report(other)
+    assert_requeued_and_resumed(done[task], report, runs / f"task_{signalled}", f"requeued Slurm job {task}\n")
+    untouched = job_output(done[other])
+    assert (done[other]["JobState"], done[other]["ExitCode"], done[other]["Restarts"]) == ("COMPLETED", "0:0", "0"), \
+        report
+    assert "received SIGUSR1" not in untouched and "resumed from" not in untouched, report
+    assert untouched.count("done: ") == 1, report
+
+
+def test_a_run_without_scontrol_is_requeued_by_the_batch_script(mnist, cluster, tmp_path):
+    """As inside a container without Slurm's commands: the run saves and exits 4; the batch shell requeues."""
+    run_dir = tmp_path / "run"
+    job = submit(cluster, "slurm/srun_cpu.sbatch", ONE_RANK,
+                 [f"data.root={mnist}", f"output_dir={run_dir}", *PREEMPT_ARGS], tmp_path,
+                 PYTHON=str(SLURM_PYTHON), NO_SCONTROL="1")
+    wait_until(lambda: logged_steps(run_dir) >= 2, timeout=JOB_TIMEOUT, what="training step 2 in metrics.jsonl")
+    cluster.run("scancel", "--signal=USR1", job)
+    info = cluster.wait_job(job, JOB_TIMEOUT)
+    report = cluster.job_report(job)
+    assert "scontrol is not on PATH here (a container?); exiting with code 4" in job_output(info), report
+    assert_requeued_and_resumed(info, report, run_dir, f"requeueing Slurm job {job} from the batch script")

@@ -1,0 +1,132 @@
+"""async_save=true: checkpoints written in the background, with the guarantees of a synchronous save."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.checkpoint import BackgroundWrite, HostCopy
+from dtrain.errors import UserError
+from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, records, run_torchrun,
+                     run_train, start, wait_until)
+from test_fault_tolerance import assert_last_checkpoint_loads, mount, mounts, needs_mounts  # noqa: F401 - fixture
+
+ASYNC = ["async_save=true"]
+
+
+def test_the_host_copy_is_the_state_of_its_step_in_buffers_kept_between_saves():
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"model": {"w": weight}, "optimizer": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}, "step": 3}
+    host = HostCopy()
+    first = host.take(state)
+    weight.add_(100)  # the next training step, while the write of `first` runs
+    state["optimizer"]["param_groups"][0]["lr"] = 0.2
+    assert torch.equal(first["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert first["optimizer"]["param_groups"][0] == {"lr": 0.1, "betas": (0.9, 0.99)} and first["step"] == 3
+    buffer = first["model"]["w"]
+    second = host.take(state)
+    assert second["model"]["w"] is buffer  # reused: no new host memory per save
+    assert torch.equal(buffer, weight)
+
+
+def test_a_background_failure_is_handed_over_once_by_wait():
+    write = BackgroundWrite()
+
+    def failing() -> None:
+        raise UserError("could not write checkpoint x: No space left on device")
+
+    write.start(failing)
+    with pytest.raises(RuntimeError, match="before the previous one was waited for"):
+        write.start(lambda: None)
+    failure = write.wait()
+    assert isinstance(failure, UserError) and "No space left" in str(failure)
+    assert write.wait() is None
+    write.start(lambda: 1 / 0)  # not a UserError: still one line, naming what failed
+    assert "ZeroDivisionError" in str(write.wait())
+
+
+def test_background_checkpoints_equal_synchronous_ones(tmp_path):
+    """Every saved step, bit for bit: the host copy holds the state of its step, not a later one."""
+    args = [*SYNTH, "checkpoint_every=2", "keep_last=100", "max_steps=8", "epochs=1"]
+    for name, extra in (("sync", []), ("async", ASYNC)):
+        done = run_train([*args, f"output_dir={tmp_path / name}", *extra])
+        assert done.returncode == 0, done.stderr
+    saved = sorted(p.name for p in (tmp_path / "sync" / "checkpoints").glob("step_*.pt"))
+    assert saved == [f"step_{s:08d}.pt" for s in (2, 4, 6, 8)]
+    listing = [sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir()) for run in ("sync", "async")]
+    assert listing[0] == listing[1] == sorted([*saved, "best.pt", "last.pt"])
+    for name in saved:
+        a, b = (torch.load(tmp_path / run / "checkpoints" / name, weights_only=True) for run in ("sync", "async"))
+        assert a["state"] == b["state"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        assert all(torch.equal(a["optimizer"]["state"][p][k], b["optimizer"]["state"][p][k])
+                   for p in a["optimizer"]["state"] for k in a["optimizer"]["state"][p]), name
+
+
+def test_kill_during_a_background_write_leaves_the_previous_checkpoint(tiny_images, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, f"data.root={tiny_images}", f"output_dir={out}", "checkpoint_every=2", "keep_last=0",
+            "resume=auto", "epochs=2", *ASYNC]
+    proc = start(args, script=PATCHED_TRAIN, HANG_ON_SAVE="2")  # the step-4 write stops half-way
+    ckpt_dir = out / "checkpoints"
+    wait_until(lambda: list(ckpt_dir.glob("*.hanging")), proc, what="the second checkpoint write")
+    # Training goes on while the write hangs, up to the next save, which waits for it.
+    wait_until(lambda: logged_steps(out) >= 6, proc, what="steps 5 and 6 during the write")
+    proc.kill()
+    proc.communicate()
+    assert logged_steps(out) == 6  # the step-6 save waited for the write in flight: no step 7
+    assert (ckpt_dir / "last.pt.tmp").exists()  # the half-written file never replaced last.pt
+    assert torch.load(ckpt_dir / "last.pt", weights_only=True)["state"]["step"] == 2
+    resumed = run_train(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "epoch 0, step 2" in resumed.stdout
+    assert f"removed {ckpt_dir / 'last.pt.tmp'}" in resumed.stdout
+    assert not list(ckpt_dir.glob("*.tmp"))
+    assert torch.load(ckpt_dir / "last.pt", weights_only=True)["state"]["step"] == 12
+
+
+def test_a_stop_signal_waits_for_the_write_in_flight(tmp_path):
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
+                  "checkpoint_every=1", "keep_last=1", *ASYNC])
+    wait_until(lambda: logged_steps(out) >= 3, proc, what="3 logged steps")
+    proc.send_signal(signal.SIGTERM)
+    done = finish([proc], timeout=60)[0]
+    assert done.returncode == 3, done.stderr
+    stopped = int(done.stdout.split("stopped at step ")[1].split(":")[0])
+    ckpt_dir = out / "checkpoints"
+    assert torch.load(ckpt_dir / "last.pt", weights_only=True)["state"]["step"] == stopped
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pt", f"step_{stopped:08d}.pt"]  # pruned after
+
+
+def test_fsdp_background_saves_resume(tmp_path):
+    """Sharded: torch.distributed.checkpoint.async_save on a group of its own, completed by rank 0."""
+    out = tmp_path / "run"
+    args = [*SYNTH, "mode=fsdp", f"output_dir={out}", "checkpoint_every=2", "keep_last=2", "resume=auto", *ASYNC]
+    done = run_torchrun([*args, "max_steps=6"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ckpt_dir = out / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last", "step_00000004", "step_00000006"]
+    assert (ckpt_dir / "last").resolve().name == "step_00000006"
+    resumed = run_torchrun([*args, "max_steps=8"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {ckpt_dir / 'last'}: epoch 0, step 6" in resumed.stdout
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 9))
+
+
+@needs_mounts
+def test_a_full_disk_in_a_background_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mounts):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk))  # room for a few checkpoints of ~2.9 MB
+    mounts.append(disk)
+    out = disk / "run"
+    proc = run_train([*FAST, "data.synthetic=true", "data.synthetic_train_size=400", f"output_dir={out}",
+                      "checkpoint_every=1", "keep_last=100", "max_steps=40", *ASYNC])
+    line = assert_one_clear_error(proc, "could not write checkpoint", "no space left on the device",
+                                  "the previous checkpoint is untouched")
+    assert proc.returncode == 1, line
+    assert assert_last_checkpoint_loads(out / "checkpoints") >= 1
