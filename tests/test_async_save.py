@@ -109,7 +109,7 @@ def test_fsdp_background_saves_resume(tmp_path):
     done = run_torchrun([*args, "max_steps=6"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt_dir = out / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last", "step_00000004", "step_00000006"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best", "last", "step_00000004", "step_00000006"]
     assert (ckpt_dir / "last").resolve().name == "step_00000006"
     resumed = run_torchrun([*args, "max_steps=8"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

@@ -176,6 +176,10 @@ def test_srun_step_without_slurm_variables_is_a_clear_error(cluster, tmp_path):
 
 SLURM_PYTHON = ROOT / "tests" / "slurm_python.sh"  # TASK_OUTPUT_DIR, NO_SCONTROL: see the script
 ONE_RANK = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1"]
+# One rank per job, a small model and one thread: two of them run at once on this 2-core machine.
+# Enough steps that the signal, sent once step 2 is logged, lands mid-run.
+REQUEUE_STEPS = 40
+REQUEUE_ARGS = [*TINY, "threads=1", f"max_steps={REQUEUE_STEPS}"]
 
 
 def assert_requeued_and_resumed(info: dict[str, str], report: str, run_dir: Path, requeued: str) -> None:
@@ -184,10 +188,10 @@ def assert_requeued_and_resumed(info: dict[str, str], report: str, run_dir: Path
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), report
     assert requeued in log, report
     stopped = re.search(r"^stopped at step (\d+)", log, re.M)
-    assert stopped and 2 <= int(stopped.group(1)) < PREEMPT_STEPS, report
+    assert stopped and 2 <= int(stopped.group(1)) < REQUEUE_STEPS, report
     assert f"resumed from {run_dir}/checkpoints/last.pt: epoch 0, step {stopped.group(1)}" in log, report
     train_steps = [m["step"] for m in records(run_dir, "train")]
-    assert train_steps == list(range(1, PREEMPT_STEPS + 1)), train_steps
+    assert train_steps == list(range(1, REQUEUE_STEPS + 1)), train_steps
 
 
 @pytest.mark.parametrize("signalled", [0, 1])
@@ -196,7 +200,7 @@ def test_preempting_one_array_task_requeues_that_task_only(mnist, cluster, tmp_p
     back both tasks. Each task in turn gets the signal: it alone restarts, the other runs once."""
     runs = tmp_path / "runs"
     job = submit(cluster, "slurm/srun_cpu.sbatch", ["--array=0-1", *ONE_RANK, f"--output={tmp_path}/%x-%A_%a.out"],
-                 [f"data.root={mnist}", *PREEMPT_ARGS], tmp_path, PYTHON=str(SLURM_PYTHON),
+                 [f"data.root={mnist}", *REQUEUE_ARGS], tmp_path, PYTHON=str(SLURM_PYTHON),
                  TASK_OUTPUT_DIR=str(runs))
     task, other = f"{job}_{signalled}", f"{job}_{1 - signalled}"
     wait_until(lambda: logged_steps(runs / f"task_{signalled}") >= 2, timeout=JOB_TIMEOUT,
@@ -216,7 +220,7 @@ def test_a_run_without_scontrol_is_requeued_by_the_batch_script(mnist, cluster, 
     """As inside a container without Slurm's commands: the run saves and exits 4; the batch shell requeues."""
     run_dir = tmp_path / "run"
     job = submit(cluster, "slurm/srun_cpu.sbatch", ONE_RANK,
-                 [f"data.root={mnist}", f"output_dir={run_dir}", *PREEMPT_ARGS], tmp_path,
+                 [f"data.root={mnist}", f"output_dir={run_dir}", *REQUEUE_ARGS], tmp_path,
                  PYTHON=str(SLURM_PYTHON), NO_SCONTROL="1")
     wait_until(lambda: logged_steps(run_dir) >= 2, timeout=JOB_TIMEOUT, what="training step 2 in metrics.jsonl")
     cluster.run("scancel", "--signal=USR1", job)
