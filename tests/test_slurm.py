@@ -228,3 +228,16 @@ def test_a_run_without_scontrol_is_requeued_by_the_batch_script(mnist, cluster, 
     report = cluster.job_report(job)
     assert "scontrol is not on PATH here (a container?); exiting with code 4" in job_output(info), report
     assert_requeued_and_resumed(info, report, run_dir, f"requeueing Slurm job {job} from the batch script")
+
+
+def test_a_job_submitted_without_requeue_says_so_and_exits_3(mnist, cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(cluster, "slurm/srun_cpu.sbatch", [*ONE_RANK, "--no-requeue"],
+                 [f"data.root={mnist}", f"output_dir={run_dir}", *REQUEUE_ARGS], tmp_path)
+    wait_until(lambda: logged_steps(run_dir) >= 2, timeout=JOB_TIMEOUT, what="training step 2 in metrics.jsonl")
+    cluster.run("scancel", "--signal=USR1", job)
+    info = cluster.wait_job(job, JOB_TIMEOUT)
+    report = cluster.job_report(job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "3:0", "0"), report
+    assert re.search(rf"^Slurm job {job} was not requeued \(.+\): it was submitted without --requeue", job_output(info),
+                     re.M), report
