@@ -216,12 +216,14 @@ def test_preempting_one_array_task_requeues_that_task_only(mnist, cluster, tmp_p
     assert untouched.count("done: ") == 1, report
 
 
-def test_a_run_without_scontrol_is_requeued_by_the_batch_script(mnist, cluster, tmp_path):
-    """As inside a container without Slurm's commands: the run saves and exits 4; the batch shell requeues."""
+@pytest.mark.parametrize("style", ["srun", "torchrun"])
+def test_a_run_without_scontrol_is_requeued_by_the_batch_script(mnist, cluster, tmp_path, style):
+    """As inside a container without Slurm's commands: the run saves and exits 4; the batch shell requeues
+    (torchrun style: torchrun exits 1, and the batch shell finds rank 0's request in DTRAIN_REQUEUE_FILE)."""
     run_dir = tmp_path / "run"
-    job = submit(cluster, "slurm/srun_cpu.sbatch", ONE_RANK,
+    job = submit(cluster, f"slurm/{style}_cpu.sbatch", ONE_RANK,
                  [f"data.root={mnist}", f"output_dir={run_dir}", *REQUEUE_ARGS], tmp_path,
-                 PYTHON=str(SLURM_PYTHON), NO_SCONTROL="1")
+                 PYTHON=str(SLURM_PYTHON), NO_SCONTROL="1", NPROC_PER_NODE="1")
     wait_until(lambda: logged_steps(run_dir) >= 2, timeout=JOB_TIMEOUT, what="training step 2 in metrics.jsonl")
     cluster.run("scancel", "--signal=USR1", job)
     info = cluster.wait_job(job, JOB_TIMEOUT)
