@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.checkpoint import BackgroundWrite, HostCopy
+from dtrain.checkpoint import BackgroundWrite, HostCopy, consolidate
 from dtrain.errors import UserError
 from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, records, run_torchrun,
                      run_train, start, wait_until)
@@ -102,12 +102,21 @@ def test_a_stop_signal_waits_for_the_write_in_flight(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pt", f"step_{stopped:08d}.pt"]  # pruned after
 
 
-def test_fsdp_background_saves_resume(tmp_path):
+def test_fsdp_background_saves_equal_synchronous_ones_and_resume(tmp_path):
     """Sharded: torch.distributed.checkpoint.async_save on a group of its own, completed by rank 0."""
     out = tmp_path / "run"
     args = [*SYNTH, "mode=fsdp", f"output_dir={out}", "checkpoint_every=2", "keep_last=2", "resume=auto", *ASYNC]
     done = run_torchrun([*args, "max_steps=6"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference = tmp_path / "sync"
+    done = run_torchrun([*SYNTH, "mode=fsdp", f"output_dir={reference}", "checkpoint_every=2", "keep_last=2",
+                         "max_steps=6"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Step 4 was written while steps 5 and 6 trained: it must hold step 4's state all the same.
+    a, b = (torch.load(consolidate(run / "checkpoints" / "step_00000004", tmp_path / f"{run.name}4.pt"),
+                       weights_only=True) for run in (reference, out))
+    assert a["state"] == b["state"] and a["state"]["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     ckpt_dir = out / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best", "last", "step_00000004", "step_00000006"]
     assert (ckpt_dir / "last").resolve().name == "step_00000006"
