@@ -10,9 +10,10 @@ import torch
 
 from dtrain.checkpoint import BackgroundWrite, HostCopy, consolidate
 from dtrain.errors import UserError
-from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, records, run_torchrun,
-                     run_train, start, wait_until)
-from test_fault_tolerance import assert_last_checkpoint_loads, mount, mounts, needs_mounts  # noqa: F401 - fixture
+from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, error_lines, finish, logged_steps, records,
+                     run_torchrun, run_train, start, start_ranks, wait_until)
+from test_fault_tolerance import (assert_last_checkpoint_loads, mount, mounts, needs_mounts,  # noqa: F401 - fixture
+                                  read_only)
 
 ASYNC = ["async_save=true"]
 
@@ -139,3 +140,19 @@ def test_a_full_disk_in_a_background_write_is_one_line_and_keeps_the_previous_ch
                                   "the previous checkpoint is untouched")
     assert proc.returncode == 1, line
     assert assert_last_checkpoint_loads(out / "checkpoints") >= 1
+
+
+@needs_mounts
+def test_checkpoints_turning_read_only_stop_both_ranks_with_one_line(tmp_path, mounts):
+    """DDP: rank 0's background write fails; rank 1 learns it at the next save, and both stop with its line."""
+    out = tmp_path / "run"
+    procs = start_ranks([*FAST, "data.synthetic=true", "data.synthetic_train_size=4000", f"output_dir={out}",
+                         "checkpoint_every=2", "keep_last=3", *ASYNC])
+    wait_until(lambda: len(list((out / "checkpoints").glob("step_*.pt"))) >= 2, *procs, what="two checkpoints")
+    read_only(out / "checkpoints", mounts)
+    results = finish(procs, timeout=120)
+    assert [r.returncode for r in results] == [1, 1], [r.stderr for r in results]
+    lines = [line for r in results for line in error_lines(r.stderr)]
+    assert len(lines) == 1 and "Read-only file system" in lines[0], [r.stderr for r in results]
+    assert not any("Traceback" in r.stderr for r in results)
+    assert_last_checkpoint_loads(out / "checkpoints", read_only_mid_save=True)
