@@ -208,18 +208,28 @@ class BackgroundWrite:
         return failure
 
 
+def sharded_stager(on_gpu: bool) -> Any:
+    """torch.distributed.checkpoint's stager, kept for the whole run: it keeps the host copy of each
+    tensor between saves (pinned on GPUs, the copy made before async_save returns)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    return DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=on_gpu))
+
+
 def save_sharded_in_background(tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, step: int,
                                keep_last: int, is_best: bool, is_main: bool, process_group: Any,
-                               writer: BackgroundWrite) -> None:
+                               writer: BackgroundWrite, stager: Any) -> None:
     """Every rank: torch.distributed.checkpoint.async_save copies this rank's tensors to host memory
-    now and writes them in its own thread (collectives on `process_group`, not the training's); the
-    writer thread then waits for that and (rank 0) completes the save as save_sharded does."""
+    now (with `stager`, whose buffers are kept between saves) and writes them in its own thread
+    (collectives on `process_group`, not the training's); the writer thread then waits for that and
+    (rank 0) completes the save as save_sharded does."""
     import torch.distributed.checkpoint as dcp
 
     final = ckpt_dir / f"step_{step:08d}"
     staging = final.with_name(final.name + ".tmp")
     with _save_errors(ckpt_dir, final, [staging.name]):
-        pending = dcp.async_save(tensors, checkpoint_id=staging, process_group=process_group,
+        pending = dcp.async_save(tensors, checkpoint_id=staging, process_group=process_group, async_stager=stager,
                                  no_dist=not _distributed())
     meta = copy.deepcopy(meta)  # the rest: plain values the loop goes on changing
 

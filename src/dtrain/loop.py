@@ -508,7 +508,9 @@ class BackgroundSaves:
         self.host = ckpt.HostCopy()
         # torch.distributed.checkpoint's background thread runs collectives: on a group of its own, so
         # that they never interleave with the training's on the default group.
-        self.group = None
+        self.group, self.stager = None, None
+        if sharded:
+            self.stager = ckpt.sharded_stager(env.device.type == "cuda")
         if sharded and env.distributed:
             import torch.distributed as dist
 
@@ -521,7 +523,15 @@ class BackgroundSaves:
     def start_sharded(self, tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, step: int,
                       keep_last: int, is_best: bool) -> None:
         ckpt.save_sharded_in_background(tensors, meta, ckpt_dir, step, keep_last, is_best, self.env.is_main,
-                                        self.group, self.write)
+                                        self.group, self.write, self.stager)
+
+    def close(self) -> UserError | None:
+        """After the last save: the write in flight ends; its failure (or None) comes back."""
+        failure = self.write.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+        return failure
 
 
 def finish_saves(t: Trainer) -> None:
@@ -536,7 +546,7 @@ def wait_for_background_save(t: Trainer) -> None:
     collective here: the other ranks may be gone."""
     if t.saves is None:
         return
-    failure = t.saves.write.wait()
+    failure = t.saves.close()
     if failure is not None:
         print(f"warning [rank {t.env.rank}]: {failure}", file=sys.stderr, flush=True)
 
