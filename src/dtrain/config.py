@@ -202,8 +202,8 @@ class Config:
         "stop", "non-finite loss: stop with an error, or skip the step (skip waits for the GPU every step)")
     stop_signals: list[str] = opt(["SIGTERM", "SIGUSR1"],
                                   "signals that make all ranks stop at the same step, save, and exit with code 3")
-    requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 requeues it (`scontrol requeue`; in an "
-                              "array the task itself); where it cannot, the run exits 4 and the sbatch script requeues it")
+    requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 requeues it (`scontrol requeue`; in "
+                              "an array the task itself); where it cannot, the run exits 4 and the sbatch script does")
     nproc: int = opt(0, "start N local DDP workers from plain `python train.py`, as torchrun --standalone "
                         "--nproc_per_node=N would (0 = off)")
     max_restarts: int = opt(0, "with nproc: restart all workers up to N times when one fails (torchrun's --max-restarts)")
