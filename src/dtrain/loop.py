@@ -538,6 +538,8 @@ def finish_saves(t: Trainer) -> None:
     """All ranks: wait for the background write in flight; if it failed anywhere, every rank stops with its error."""
     if t.saves is None:
         return
+    if t.saves.write.busy:  # a hang report would name where this rank waits
+        t.heartbeat.enter("checkpoint")
     agree_on_failure(t.saves.write.wait(), t.env)
 
 
