@@ -6,6 +6,7 @@ HANG_ON_SAVE=N              on the N-th file save: write half of it, create '<ta
 HANG_IN_SHARDED_SAVE=N      on the N-th sharded save (torch.distributed.checkpoint.save): let every rank
                             write its shard, cut rank 0's shard to half, create '<folder>.hanging', then
                             block before the folder is renamed (a crash in the middle of a sharded save)
+SLOW_SAVE_S=S               every file save: create '<target>.slow', then take S seconds longer before writing
 SLOW_DATA_RANK=R            on rank R, every training sample takes SLOW_DATA_S seconds longer to load
                             (a rank held up by its data: slow storage, too few loader workers)
 """
@@ -33,6 +34,9 @@ def _instrumented_save(obj, f, *args, **kwargs):
     if "SAVE_LOG" in os.environ:
         with open(os.environ["SAVE_LOG"], "a") as log:
             log.write(f"{os.environ.get('RANK', '-')} {target}\n")
+    if "SLOW_SAVE_S" in os.environ:
+        Path(f"{target}.slow").touch()
+        time.sleep(float(os.environ["SLOW_SAVE_S"]))
     if os.environ.get("HANG_ON_SAVE") == str(_file_saves):
         buffer = io.BytesIO()
         _original_save(obj, buffer)

@@ -103,6 +103,21 @@ def test_a_stop_signal_waits_for_the_write_in_flight(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pt", f"step_{stopped:08d}.pt"]  # pruned after
 
 
+def test_an_error_waits_for_the_write_in_flight(tmp_path):
+    """Ctrl-C (not a stop signal: no save of its own) while a slow background write runs: the process ends
+    only after the write, and last.pt is that save."""
+    out = tmp_path / "run"
+    proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
+                  "checkpoint_every=2", "keep_last=0", *ASYNC], script=PATCHED_TRAIN, SLOW_SAVE_S="4")
+    ckpt_dir = out / "checkpoints"
+    wait_until(lambda: (ckpt_dir / "last.pt.tmp.slow").exists(), proc, what="the first checkpoint write")
+    proc.send_signal(signal.SIGINT)
+    done = finish([proc], timeout=60)[0]
+    assert done.returncode == 130, done.stderr
+    assert torch.load(ckpt_dir / "last.pt", weights_only=True)["state"]["step"] == 2
+    assert not list(ckpt_dir.glob("*.tmp"))
+
+
 def test_fsdp_background_saves_equal_synchronous_ones_and_resume(tmp_path):
     """Sharded: torch.distributed.checkpoint.async_save on a group of its own, completed by rank 0."""
     out = tmp_path / "run"
