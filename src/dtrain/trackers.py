@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import csv
 import difflib
-import importlib.util
+import importlib
 import json
+import logging
 import os
 import queue
 import statistics
@@ -136,14 +137,15 @@ class MlflowSink(Sink):
     name = "mlflow"
 
     def start(self, run: RunInfo) -> None:
-        if importlib.util.find_spec("mlflow") is None:
-            raise TrackerUnavailable("the mlflow package is not installed: pip install -e '.[mlflow]'")
+        require("mlflow")
         # A dead server should surface in seconds, not after MLflow's default 7 retries of 120 s each.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         uri = (run.settings.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
                or (run.output_dir / "mlruns").resolve().as_uri())
         check_reachable(uri)
+        # The tracker reports a dead server once itself; urllib3 would add a line per retry.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -199,8 +201,7 @@ class WandbSink(Sink):
     name = "wandb"
 
     def start(self, run: RunInfo) -> None:
-        if importlib.util.find_spec("wandb") is None:
-            raise TrackerUnavailable("the wandb package is not installed: pip install -e '.[wandb]'")
+        require("wandb")
         import wandb
 
         mode = os.environ.get("WANDB_MODE", "offline")
@@ -284,6 +285,14 @@ class CsvSink(Sink):
 
 SINKS: dict[str, type[Sink]] = {"tensorboard": TensorBoardSink, "mlflow": MlflowSink, "wandb": WandbSink,
                                 "csv": CsvSink}
+
+
+def require(package: str) -> None:
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise TrackerUnavailable(f"the {package} package is not installed: pip install -e '.[{package}]' "
+                                 f"(or pip install {package})") from None
 
 
 def check_reachable(uri: str) -> None:
