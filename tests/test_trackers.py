@@ -157,23 +157,38 @@ def test_a_run_killed_mid_epoch_resumes_into_the_same_mlflow_run_without_logging
 # Weights & Biases, offline
 
 
+def wandb_records(path: Path):
+    """The protobuf records of a run-<id>.wandb file. wandb 0.31 has no Python reader of its own; the file is
+    a LevelDB log (32 KiB blocks of chunks, each with a 7-byte header: CRC, little-endian length, type) after
+    a 7-byte ':W&B' file header, each record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE/LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
 def wandb_history(run_folder: Path) -> list[dict]:
-    """The history rows of one offline run, read from its .wandb file with wandb's own reader."""
+    """The history rows of one offline run folder: {"_step": N, "train/loss": ..., ...}."""
     import json
 
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
     (path,) = run_folder.glob("run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
     rows = []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in wandb_records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows.append({"_step": record.history.step.num, **row})
     return rows
 
 

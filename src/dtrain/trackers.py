@@ -141,8 +141,12 @@ class MlflowSink(Sink):
         # A dead server should surface in seconds, not after MLflow's default 7 retries of 120 s each.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        uri = (run.settings.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-               or (run.output_dir / "mlruns").resolve().as_uri())
+        uri = run.settings.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if not uri:  # a local store beside the run (MLflow's file store is frozen: SQLite in mlruns/)
+            local = (run.output_dir / "mlruns").resolve()
+            local.mkdir(exist_ok=True)
+            uri, artifacts = f"sqlite:///{local / 'mlflow.db'}", (local / "artifacts").as_uri()
         check_reachable(uri)
         # The tracker reports a dead server once itself; urllib3 would add a line per retry.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -153,7 +157,8 @@ class MlflowSink(Sink):
         project = run.settings.get("tracker_project") or "dtrain"
         try:
             experiment = self.client.get_experiment_by_name(project)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+            experiment_id = (experiment.experiment_id if experiment else
+                             self.client.create_experiment(project, artifact_location=artifacts))
             found = self.client.search_runs([experiment_id], f"tags.`dtrain.run_id` = '{run.run_id}'",
                                             max_results=1)
         except Exception as e:  # noqa: BLE001 - a bad URI or a refusing server: one line, not a traceback
