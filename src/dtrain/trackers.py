@@ -254,37 +254,40 @@ class CsvSink(Sink):
         self.folder.mkdir(exist_ok=True)
 
     def metrics(self, kind: str, values: dict[str, float], step: int) -> None:
-        self._append(self.folder / f"{kind}.csv", {"step": step, **values})
+        self._append(self.folder / f"{kind}.csv", [{"step": step, **values}])
 
     def table(self, kind: str, step: int, per_class: dict[str, list]) -> None:
-        for row in per_class_rows(per_class):
-            self._append(self.folder / f"{kind}_per_class.csv", {"step": step, **dict(zip(PER_CLASS_COLUMNS, row))})
+        self._append(self.folder / f"{kind}_per_class.csv",
+                     [{"step": step, **dict(zip(PER_CLASS_COLUMNS, row))} for row in per_class_rows(per_class)])
 
     def confusion(self, kind: str, step: int, classes: list[str], matrix: list[list[int]], path: Path) -> None:
-        for true, row in zip(classes, matrix):
-            for predicted, count in zip(classes, row):
-                self._append(self.folder / f"{kind}_confusion.csv",
-                             {"step": step, "true": true, "predicted": predicted, "count": count})
+        self._append(self.folder / f"{kind}_confusion.csv",
+                     [{"step": step, "true": true, "predicted": predicted, "count": count}
+                      for true, row in zip(classes, matrix) for predicted, count in zip(classes, row)])
 
     def outputs(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self._append(self.folder / "outputs.csv", {"key": key, "value": value})
+        self._append(self.folder / "outputs.csv", [{"key": key, "value": value} for key, value in tags.items()])
 
     @staticmethod
-    def _append(path: Path, row: dict[str, Any]) -> None:
-        """One row; a column not seen before rewrites the file with the wider header (rare: a new metric)."""
+    def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+        """Rows at the end; a column not seen before rewrites the file with the wider header (rare: a new
+        metric, such as mfu)."""
         header = path.open(newline="").readline().strip().split(",") if path.exists() else []
-        if header and set(row) <= set(header):
+        new = [key for row in rows for key in row if key not in header]
+        if header and not new:
             with path.open("a", newline="") as f:
-                csv.DictWriter(f, header).writerow(row)
+                csv.DictWriter(f, header).writerows(rows)
             return
-        columns = header + [key for key in row if key not in header]
-        old = list(csv.DictReader(path.open(newline=""))) if header else []
+        columns = header + list(dict.fromkeys(new))
+        old = []
+        if header:
+            with path.open(newline="") as f:
+                old = list(csv.DictReader(f))
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
-            writer.writerows([*old, row])
+            writer.writerows([*old, *rows])
         tmp.replace(path)
 
 
