@@ -220,6 +220,46 @@ def test_wandb_offline_writes_a_run_folder_with_the_history_and_a_resume_continu
 
 
 # ---------------------------------------------------------------------------------------------
+# TensorBoard (the default) and CSV across a resume
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
+    """step -> value of one scalar, as TensorBoard shows it (purged events left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder))  # the folder: every attempt's file in order, purges applied
+    accumulator.Reload()
+    events = accumulator.Scalars(tag) if tag in accumulator.Tags()["scalars"] else []
+    steps = [e.step for e in events]
+    assert len(steps) == len(set(steps)), f"{tag}: a step shown twice: {steps}"
+    return {e.step: e.value for e in events}
+
+
+def test_after_a_resume_from_an_earlier_step_tensorboard_overwrites_and_csv_skips(tmp_path):
+    out = tmp_path / "run"
+    args = [*SYNTH, "trackers=tensorboard,csv", f"output_dir={out}"]
+    first = run_train([*args, "max_steps=5", "checkpoint_every=3", "keep_last=3"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    # as after a crash at step 5: back to the checkpoint of step 3, steps 4 and 5 run again
+    second = run_train([*args, f"resume={out / 'checkpoints' / 'step_00000003.pt'}", "max_steps=7"])
+    assert second.returncode == 0, second.stdout + second.stderr
+    tag = "train/step_ms/max"  # a timing: the two attempts' values of a step differ
+    attempts = [[r for r in read_metrics(out) if r["kind"] == "train" and r["step"] == step] for step in (4, 5)]
+    assert all(len(records) == 2 for records in attempts)  # metrics.jsonl keeps both
+    first_values_, last_values = first_values(out)[tag], {r["step"]: scalars(r)[tag] for r in read_metrics(out)
+                                                           if r["kind"] == "train"}
+    shown = tensorboard_scalars(out / "tb", tag)
+    assert sorted(shown) == list(range(1, 8))
+    assert [shown[step] for step in range(1, 8)] == pytest.approx([last_values[step] for step in range(1, 8)])
+    with open(out / "csv" / "train.csv") as f:
+        rows = {int(r["step"]): float(r[tag]) for r in csv.DictReader(f)}
+    assert sorted(rows) == list(range(1, 8))  # every step once
+    assert [rows[step] for step in range(1, 8)] == pytest.approx([first_values_[step] for step in range(1, 8)])
+    # the first attempt's last memory record (step 5) is past the checkpoint, hidden with its train steps
+    assert set(tensorboard_scalars(out / "tb", "memory/peak_rss_mb/max")) == {7}
+
+
+# ---------------------------------------------------------------------------------------------
 # A tracker that cannot start or fails later: one line, and training finishes
 
 
