@@ -295,16 +295,16 @@ def test_a_stalled_then_killed_mlflow_server_never_stalls_training_and_is_one_wa
     try:
         # long enough that the tracker has started (an MLflow import, a few requests) well before the end
         launcher = start([*SYNTH, "data.synthetic_train_size=100000", "max_steps=300", "trackers=mlflow", f"mlflow_tracking_uri={server.uri}",
-                          f"tracker_project={project}", f"output_dir={out}"])
+                          f"tracker_project={project}", f"output_dir={out}"], MLFLOW_HTTP_REQUEST_TIMEOUT="30")
 
         def some_metric_arrived() -> bool:
             runs = mlflow_runs(client, project)
             return bool(runs) and "train/loss" in runs[0].data.metrics
 
         wait_until(some_metric_arrived, launcher, what="a metric on the MLflow server")
-        os.killpg(server.proc.pid, signal.SIGSTOP)  # a server that stops answering: each call would wait 10 s
+        os.killpg(server.proc.pid, signal.SIGSTOP)  # a server that stops answering: a call waits 30 s
         stalled_at = logged_steps(out)
-        wait_until(lambda: logged_steps(out) >= stalled_at + 10, launcher, timeout=60,
+        wait_until(lambda: logged_steps(out) >= stalled_at + 10, launcher, timeout=20,
                    what="10 more steps while the tracking server does not answer")
     finally:
         server.stop()
