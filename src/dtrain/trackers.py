@@ -400,11 +400,6 @@ class Trackers:
             channel.send("start", run)
             self.channels.append(channel)
 
-    def _send(self, method: str, *args: Any, skip_tensorboard: bool = False) -> None:
-        for channel in self.channels:
-            if not (skip_tensorboard and channel.sink.name == "tensorboard"):
-                channel.send(method, *args)
-
     def _skipped(self, kind: str, step: int) -> bool:
         return step <= self.skip_through.get(kind, -1)
 
@@ -424,7 +419,8 @@ class Trackers:
                 channel.send("confusion", kind, step, classes, matrix, path)
 
     def outputs(self, tags: dict[str, str]) -> None:
-        self._send("outputs", tags)
+        for channel in self.channels:
+            channel.send("outputs", tags)
 
     def close(self, status: str = "FINISHED") -> None:
         """Send each tracker its finish, then wait (CLOSE_WAIT_S at most, for all) for them to deliver."""
