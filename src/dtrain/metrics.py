@@ -1,9 +1,9 @@
-"""What a user watches: rank-0 progress, metrics.jsonl, TensorBoard scalars, per-process peak memory."""
+"""What a user watches: rank-0 progress, metrics.jsonl, experiment trackers (TensorBoard, ...), per-process peak
+memory."""
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,6 +13,8 @@ import psutil
 import torch
 
 from dtrain.dist import DistEnv
+from dtrain.errors import StopTraining
+from dtrain.trackers import Trackers
 
 
 class MemoryTracker:
@@ -35,21 +37,19 @@ class MemoryTracker:
 
 
 class RunLogger:
-    """Rank 0 writes metrics.jsonl and TensorBoard and prints; other ranks only track their memory."""
+    """Rank 0 writes metrics.jsonl, hands each record to the trackers (dtrain.trackers) and prints; other
+    ranks only track their memory."""
 
-    def __init__(self, output_dir: str, env: DistEnv, progress: bool):
+    def __init__(self, output_dir: str, env: DistEnv, progress: bool, trackers: Trackers | None = None):
         self.env = env
         self.memory = MemoryTracker(env.device)
         self.bar = None
         self.use_bar = progress and sys.stderr.isatty()
         self.jsonl = None
-        self.tb = None
+        self.trackers = trackers if env.is_main else None
         self.output_dir = Path(output_dir)
         if env.is_main:
             self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", buffering=1)
-            from torch.utils.tensorboard import SummaryWriter  # import only where it is used
-
-            self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
 
     def start_epoch(self, epoch: int, total_steps: int, done_steps: int) -> None:
         if self.env.is_main and self.use_bar:
@@ -67,28 +67,20 @@ class RunLogger:
             self.bar = None
 
     def record(self, record: dict[str, Any], step: int) -> None:
-        """One metrics.jsonl line + TensorBoard scalars + a console line (rank 0)."""
+        """One metrics.jsonl line, the same record to each tracker (queued), a console line (rank 0)."""
         self.memory.sample()
         if not self.env.is_main:
             return
         self.jsonl.write(json.dumps(record) + "\n")
-        kind = record["kind"]
-        for key, value in record.items():
-            if key in ("kind", "epoch", "step"):
-                continue
-            if isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
-            elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-                # one value per rank: the spread, which stays three curves at any world size
-                for name, stat in (("min", min(value)), ("median", statistics.median(value)), ("max", max(value))):
-                    self.tb.add_scalar(f"{kind}/{key}/{name}", stat, step)
+        if self.trackers is not None:
+            self.trackers.record(record, step)
         table = _per_class_lines(record["per_class"]) if "per_class" in record else []
         self.print("\n".join([_format(record), *table]))  # one eval text: above the progress bar, whole
 
     def confusion(self, kind: str, step: int, classes: list[str], matrix: list[list[int]]) -> None:
         """Rank 0: one evaluation's confusion matrix (rows: true class, columns: predicted class) to
-        <output_dir>/confusion/step_N.json (step_N_ema.json for the EMA), and to TensorBoard as an image
-        whose rows are normalised (row i: where class i's samples went; the diagonal is each class's recall)."""
+        <output_dir>/confusion/step_N.json (step_N_ema.json for the EMA), and to the trackers (TensorBoard: an
+        image whose rows are normalised, row i: where class i's samples went; the diagonal is each class's recall)."""
         if not self.env.is_main:
             return
         folder = self.output_dir / "confusion"
@@ -99,9 +91,13 @@ class RunLogger:
         tmp.write_text(json.dumps({"step": step, "kind": kind, "rows": "true class", "columns": "predicted class",
                                    "classes": classes, "matrix": matrix}) + "\n")
         tmp.replace(path)
-        counts = torch.tensor(matrix, dtype=torch.float32)
-        self.tb.add_image(f"{kind}/confusion", counts / counts.sum(dim=1, keepdim=True).clamp(min=1), step,
-                          dataformats="HW")
+        if self.trackers is not None:
+            self.trackers.confusion(kind, step, classes, matrix, path)
+
+    def outputs(self, tags: dict[str, str]) -> None:
+        """Rank 0: what the run has written (checkpoints, an exported model), as tracker tags."""
+        if self.trackers is not None:
+            self.trackers.outputs(tags)
 
     def print(self, line: str) -> None:
         if not self.env.is_main:
@@ -114,10 +110,13 @@ class RunLogger:
             print(line, flush=True)
 
     def close(self) -> None:
+        """Called in a `finally`: the exception on its way out, if any, says how the trackers' run ended."""
         self.end_epoch()
         if self.jsonl is not None:
             self.jsonl.close()
-            self.tb.close()
+        if self.trackers is not None:
+            error = sys.exc_info()[0]
+            self.trackers.close("FINISHED" if error is None else "KILLED" if error is StopTraining else "FAILED")
 
 
 def _format(record: dict[str, Any]) -> str:
