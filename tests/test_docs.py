@@ -108,3 +108,52 @@ def test_the_link_checker_itself():
     assert relative_links(text) == ["x.md#y", "#local"]
     assert anchors("# Setup\n## Setup\n```\n# not a heading\n```\n### `nproc=N`: local\n") == {
         "setup", "setup-1", "nprocn-local"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Quoted errors and their exit codes: each is quoted on a page and produced by a real run
+
+MNIST = ["--config", "configs/image/mnist_demo.yaml"]
+SYNTHETIC = ["data.synthetic=true", "data.synthetic_train_size=16", "data.synthetic_val_size=4", "batch_size=4",
+             "data.image_size=16", "model.arch=resnet18", "num_workers=0", "epochs=1"]
+BERT = ["--config", "configs/bert/minilm_rotten_tomatoes.yaml"]
+# (page, the quoted text, train.py's arguments, the exit code the page gives it)
+QUOTED_ERRORS = [
+    ("docs/checkpoints.md", "error: unknown config key 'optim.lrr' (did you mean 'lr'?)", [*MNIST, "optim.lrr=1"], 2),
+    ("docs/checkpoints.md", "error: config key 'optim.lr' must be > 0, got -1.0", [*MNIST, "optim.lr=-1"], 2),
+    ("docs/checkpoints.md", "error: data.validation_fraction must be between 0 and 1",
+     [*BERT, "data.validation_fraction=1.5"], 2),
+    ("docs/bert.md", "error: data.validation_fraction must be between 0 and 1", [*BERT, "data.validation_fraction=0"], 2),
+    ("docs/checkpoints.md", "error: model.name_or_path 'no/such/model' is not a local directory",
+     [*BERT, "model.name_or_path=no/such/model"], 1),
+    ("docs/checkpoints.md", "error: fsdp.cpu_offload=true needs GPUs",
+     [*MNIST, *SYNTHETIC, "mode=fsdp", "fsdp.cpu_offload=true", "nproc=2"], 2),
+]
+
+
+def squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("page, quote, args, code", QUOTED_ERRORS, ids=[f"{q[0]}: {q[1][7:40]}" for q in QUOTED_ERRORS])
+def test_a_quoted_error_is_what_the_run_prints_with_the_exit_code_the_docs_give(page, quote, args, code, tmp_path):
+    text = (ROOT / page).read_text()
+    assert squeeze(quote) in squeeze(text), f"{page} no longer quotes {quote!r}: update QUOTED_ERRORS"
+    assert re.search(rf"\|\s*{code}\s*\|", (ROOT / "docs/checkpoints.md").read_text()), f"exit code {code} not in the table"
+    if "cpu_offload" in quote and torch_sees_a_gpu():
+        pytest.skip("with a GPU fsdp.cpu_offload is allowed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "train.py", *args, f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(quote), done.stderr[-3000:]
+    assert done.returncode == code, f"exit code {done.returncode}, the docs say {code}:\n{done.stderr[-3000:]}"
+
+
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
