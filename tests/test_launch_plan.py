@@ -55,7 +55,8 @@ def test_make_demo_prints_its_choice_and_launches_that(target, config, gpus, npr
     assert done.returncode == 0, done.stdout
     choice, command = done.stdout.strip().splitlines()[-2:]
     assert choice.startswith(f"launch: {'no GPU' if gpus == 0 else f'{gpus} GPU'}")
-    assert command.endswith(f"-m torch.distributed.run --standalone --nproc_per_node={nproc} train.py --config {config}")
+    launch = f"-m torch.distributed.run --standalone --nproc_per_node={nproc} train.py --config {config}"
+    assert command.endswith(launch), command
 
 
 def test_make_demo_refuses_more_processes_than_gpus():

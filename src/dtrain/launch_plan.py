@@ -37,8 +37,8 @@ def choose(gpus: int, cpus: int, requested: int = 0, most: int = 2) -> Plan:
     unless it asks for more processes than there are GPUs (rank N would find no GPU and stop)."""
     if gpus > 0:
         if requested > gpus:
-            raise ConfigError(f"NPROC={requested} but {count(gpus, 'GPU')} visible: use NPROC={gpus} or fewer (one process "
-                              "per GPU), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for CPU processes")
+            raise ConfigError(f"NPROC={requested} but {count(gpus, 'GPU')} visible: use NPROC={gpus} or fewer "
+                              "(one process per GPU), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for CPU processes")
         n = requested or min(gpus, most)
         note = "NPROC=N chose it" if requested else (
             f"one per GPU, at most {most} for this preset; NPROC=N to change" if gpus > most else
