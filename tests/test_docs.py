@@ -159,3 +159,28 @@ def torch_sees_a_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures name their result files, and those files exist
+
+RESULT_FILE = re.compile(r"bench/results/([\w.-]+\.(?:md|json))")
+
+
+def named_result_files(text: str) -> list[str]:
+    """bench/results/<file> names in a page, prose and code alike; `<date>-...` patterns are not names."""
+    return RESULT_FILE.findall(text)
+
+
+@pytest.mark.parametrize("page", PAGES + [ROOT / "bench" / "README.md"],
+                         ids=[str(p.relative_to(ROOT)) for p in PAGES + [ROOT / "bench" / "README.md"]])
+def test_every_named_result_file_exists(page):
+    missing = [name for name in named_result_files(page.read_text())
+               if not (ROOT / "bench" / "results" / name).is_file()]
+    assert not missing, f"{page.relative_to(ROOT)} names result files that are not in bench/results/: {missing}"
+
+
+def test_the_result_file_finder_itself():
+    text = ("`bench/results/2026-11-30-overhead-cpu.md`, (bench/results/2026-11-22-gpu-h100-notes.md) and "
+            "`bench/results/<date>-scaling-cpu.md`")
+    assert named_result_files(text) == ["2026-11-30-overhead-cpu.md", "2026-11-22-gpu-h100-notes.md"]
