@@ -76,3 +76,13 @@ def test_make_demo_trains_on_this_machine(tiny_images, tmp_path):
     assert "launch: no GPU" in done.stdout and "2 DDP processes on the CPU, Gloo" in done.stdout
     assert any(r.get("kind") == "eval" for r in read_metrics(out))
     assert re.search(r"peak_rss_mb [\d.]+/[\d.]+ ", done.stdout), "the memory line names one figure per rank, 2 ranks"
+
+
+def test_the_docs_quote_the_lines_the_plan_prints():
+    """README.md and docs/troubleshooting.md quote the choice line; they must quote what is printed."""
+    readme, trouble = (ROOT / "README.md").read_text(), (ROOT / "docs" / "troubleshooting.md").read_text()
+    assert choose(0, 2).why.split(" (")[0] + " (...)" in readme
+    assert f"`{choose(1, 16).why}`" in trouble
+    with pytest.raises(ConfigError) as refused:
+        choose(1, 16, requested=2)
+    assert "more processes than GPUs is refused" in trouble and "NPROC=2 but 1 GPU visible" in str(refused.value)
