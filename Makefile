@@ -57,8 +57,10 @@ test: $(STAMP)
 clean:
 	rm -rf runs data .pytest_cache
 
-# CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer
-# (~23 min on 2 cores). BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--device=cuda on a GPU machine.
+# CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer.
+#   make bench                      ~24 min on 2 cores
+#   make bench BENCH_ARGS=--quick   a smoke run, ~4 min, results in bench/results/quick/ (not committed)
+#   make bench BENCH_ARGS=--device=cuda   on a GPU machine
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)

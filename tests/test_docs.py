@@ -184,3 +184,38 @@ def test_the_result_file_finder_itself():
     text = ("`bench/results/2026-11-30-overhead-cpu.md`, (bench/results/2026-11-22-gpu-h100-notes.md) and "
             "`bench/results/<date>-scaling-cpu.md`")
     assert named_result_files(text) == ["2026-11-30-overhead-cpu.md", "2026-11-22-gpu-h100-notes.md"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark durations: the Makefile, bench/README.md, bench/run_all.py and docs/performance.md say the same
+
+DURATION = re.compile(r"~(\d+(?:\.\d+)?) min")
+BENCH_PAGES = ["Makefile", "bench/README.md", "bench/run_all.py", "docs/performance.md"]
+
+
+def bench_durations() -> dict[str, set[float]]:
+    """Minutes quoted for `make bench` (run_all.py) and for its --quick smoke run, on every line that names them."""
+    found: dict[str, set[float]] = {"full": set(), "quick": set()}
+    for name in BENCH_PAGES:
+        for line in (ROOT / name).read_text().splitlines():
+            if ("make bench" in line or "run_all.py" in line) and (m := DURATION.search(line)):
+                found["quick" if "--quick" in line else "full"].add(float(m.group(1)))
+    return found
+
+
+def script_duration(text: str, script: str) -> set[float]:
+    return {float(m.group(1)) for line in text.splitlines() if f"bench/{script}.py " in line
+            and "--" not in line.split("#")[0] for m in [DURATION.search(line)] if m}
+
+
+def test_benchmark_durations_agree_everywhere():
+    found = bench_durations()
+    assert len(found["full"]) == 1 and len(found["quick"]) == 1, f"make bench durations disagree: {found}"
+    page = (ROOT / "docs" / "performance.md").read_text()
+    parts = []
+    for script in ("overhead", "scaling", "trainer"):
+        own = script_duration((ROOT / "bench" / f"{script}.py").read_text(), script)
+        documented = script_duration(page, script)
+        assert len(own) == 1 and own == documented, f"bench/{script}.py says {own}, docs/performance.md {documented}"
+        parts.append(own.pop())
+    assert abs(sum(parts) - found["full"].pop()) <= 1, f"make bench runs the three scripts: {parts}"
