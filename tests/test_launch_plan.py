@@ -1,7 +1,7 @@
 """`make demo` / `make demo-bert` on any machine: the process count and device chosen from what is there.
 
-The GPU cases run on the CPU by giving the plan a GPU count (--gpus, the Makefile's LAUNCH_FLAGS); the real
-count is read on a GPU machine (tests/test_cuda.py runs the plan there).
+The GPU cases run on the CPU by giving the plan a GPU count (--gpus, the Makefile's LAUNCH_FLAGS); on a GPU
+machine the last test runs the recipe with the real count.
 """
 
 from __future__ import annotations
@@ -86,3 +86,18 @@ def test_the_docs_quote_the_lines_the_plan_prints():
     with pytest.raises(ConfigError) as refused:
         choose(1, 16, requested=2)
     assert "more processes than GPUs is refused" in trouble and "NPROC=2 but 1 GPU visible" in str(refused.value)
+
+
+@pytest.mark.needs_cuda
+def test_make_demo_on_this_gpu_machine_runs_one_process_per_gpu(tiny_images, tmp_path):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    out = tmp_path / "run"
+    done = make_demo("demo", f"ARGS=data.root={tiny_images} output_dir={out} epochs=1 batch_size=4 "
+                     "data.image_size=16 num_workers=0 log_every=1", timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    nproc = min(gpus, 2)
+    assert f"launch: {gpus} GPU" in done.stdout and f"{nproc} DDP process" in done.stdout, done.stdout[:2000]
+    memory = [r for r in read_metrics(out) if r["kind"] == "memory"]
+    assert memory and len(memory[0]["peak_cuda_mb"]) == nproc and min(memory[0]["peak_cuda_mb"]) > 0
