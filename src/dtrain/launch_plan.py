@@ -41,7 +41,7 @@ def choose(gpus: int, cpus: int, requested: int = 0, most: int = 2) -> Plan:
                               "(one process per GPU), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for CPU processes")
         n = requested or min(gpus, most)
         note = "NPROC=N chose it" if requested else (
-            f"one per GPU, at most {most} for this preset; NPROC=N to change" if gpus > most else
+            f"one per GPU, up to {most}; NPROC=N to change" if gpus > most else
             "one per GPU; NPROC=N to change")
         return Plan(n, "cuda", f"launch: {count(gpus, 'GPU')} visible -> {count(n, 'DDP process')} on the GPUs, "
                                f"NCCL ({note})")
