@@ -1,12 +1,18 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   build .venv if missing, write the MNIST demo data, train it with 2 DDP processes
-#   make test   same .venv, run the test suite
-#   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews with 2 DDP processes (~4-6 min on 2 cores)
+#   make demo   build .venv if missing, write the MNIST demo data, train it with DDP: one process per GPU
+#               (at most 2), or 2 CPU processes without a GPU; the first line printed says which
+#   make test   same .venv, run the test suite; a subset: make test TESTS=tests/test_docs.py PYTEST_ARGS="-k links"
+#   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews, processes chosen the same way (~2.5 min on 2 cores)
+# NPROC=N starts N processes instead of choosing (on GPUs at most one per GPU); ARGS="key=value ..." is
+# added to train.py's command line, e.g. make demo ARGS="epochs=3 precision=bf16".
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-NPROC  ?= 2
+NPROC  ?=
+# LAUNCH_FLAGS: e.g. "--gpus=1 --dry-run" prints the plan and command for a one-GPU machine (tests/test_launch_plan.py)
+LAUNCH  = $(PY) -m dtrain.launch_plan --nproc=$(NPROC) $(LAUNCH_FLAGS) train.py
+TESTS  ?= tests
 
 .PHONY: venv data demo demo-single demo-bert test clean
 
@@ -36,22 +42,26 @@ data/rotten_tomatoes/.done: $(STAMP)
 	touch $@
 
 demo: data/mnist/.done
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py --config configs/image/mnist_demo.yaml $(ARGS)
+	$(LAUNCH) --config configs/image/mnist_demo.yaml $(ARGS)
 
 demo-single: data/mnist/.done
 	$(PY) train.py --config configs/image/mnist_demo.yaml $(ARGS)
 
 demo-bert: data/rotten_tomatoes/.done
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py --config configs/bert/minilm_rotten_tomatoes.yaml $(ARGS)
+	$(LAUNCH) --config configs/bert/minilm_rotten_tomatoes.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
+# Removes what the demos and tests leave in the checkout: runs/ (every run's checkpoints and metrics, also
+# your own runs if their output_dir is under runs/), data/ (the demo data) and .pytest_cache. Keeps .venv.
 clean:
 	rm -rf runs data .pytest_cache
 
-# CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer
-# (~23 min on 2 cores). BENCH_ARGS=--quick for a smoke run, BENCH_ARGS=--device=cuda on a GPU machine.
+# CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer.
+#   make bench                      ~24 min on 2 cores
+#   make bench BENCH_ARGS=--quick   a smoke run, ~4 min, results in bench/results/quick/ (not committed)
+#   make bench BENCH_ARGS=--device=cuda   on a GPU machine
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             "images of the training crop, " + ("bf16 + channels_last" if args.device == "cuda" else
                                                 f"fp32, {cores} threads"))
     table = print_table("Data pipeline vs model (ResNet-50 recipes)", headers, rows, note)
-    write_json(args.results, f"data_pipeline-{args.device}",
+    write_json(args.results, f"data_pipeline-{args.device}{'-quick' if args.quick else ''}",
                {"machine": machine_info(), "settings": {"batch": args.batch, "workers": workers, "reps": reps,
                                                         "images": str(root), "device": args.device},
                 "results": results, "table": table})

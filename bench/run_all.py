@@ -1,7 +1,7 @@
 """Run every benchmark (what `make bench` does) and collect their tables in one report.
 
-    python bench/run_all.py                  # CPU: overhead, scaling, trainer (~23 min on a 2-core machine)
-    python bench/run_all.py --quick          # smoke run of all three (~3 min)
+    python bench/run_all.py                  # CPU: overhead, scaling, trainer (~24 min on a 2-core machine)
+    python bench/run_all.py --quick          # smoke run of all three (~4 min), into bench/results/quick/
     python bench/run_all.py --device cuda    # GPU mode of all three (scaling needs 2+ GPUs)
 
 Each script also runs on its own (see bench/README.md). The tables go to the terminal and, together,

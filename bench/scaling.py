@@ -1,6 +1,6 @@
 """Weak scaling, per-rank step-time breakdown, and memory per process across epochs.
 
-    python bench/scaling.py                  # CPU: ResNet-18, 1 vs 2 processes (gloo), 1 thread each (~5 min)
+    python bench/scaling.py                  # CPU: ResNet-18, 1 vs 2 processes (gloo), 1 thread each (~8 min on 2 cores)
     python bench/scaling.py --quick          # smoke run
     python bench/scaling.py --set ddp.static_graph=true --set ddp.bucket_cap_mb=50   # try DDP options
     python bench/scaling.py --device cuda    # GPU: ResNet-50 AMP + channels_last, 1 vs all GPUs (NCCL)

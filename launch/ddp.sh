@@ -13,8 +13,10 @@ processes, one DDP rank each. Arguments go to train.py unchanged (`python train.
 environment:
   NPROC   processes (default: the number of visible GPUs, or 2 on a machine without GPUs)
   PYTHON  interpreter (default: .venv/bin/python of this checkout, else python3)
-SIGTERM, SIGINT and SIGUSR1 to torchrun reach every rank: they stop at the same step, save
-<output_dir>/checkpoints/last.pt and exit with code 3; rerun with resume=auto to continue.
+On one GPU: NPROC=1 (one process per GPU; a second one would find no GPU of its own).
+SIGTERM and SIGUSR1 to torchrun (the default stop_signals) reach every rank: they stop at the same
+step, save <output_dir>/checkpoints/last.pt and exit with code 3; rerun with resume=auto to continue.
+SIGINT (Ctrl-C) reaches them too but is not a stop signal: they exit 130 without saving.
 USAGE
     exit 0
 fi

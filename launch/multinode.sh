@@ -22,7 +22,10 @@ options (or environment variables):
   --join-timeout S    JOIN_TIMEOUT  seconds the rendezvous waits for all nodes to join (default 600)
 environment: PYTHON  interpreter (default: .venv/bin/python of this checkout, else python3)
 A bad endpoint (unresolvable head, port in use on the head, head unreachable) exits 1 with one
-"error:" line. SIGTERM, SIGINT and SIGUSR1 reach every rank: all save last.pt and exit with code 3.
+"error:" line. SIGTERM and SIGUSR1 (the default stop_signals) reach every rank: all save last.pt and
+exit with code 3. SIGINT (Ctrl-C) reaches them too but is not a stop signal: exit 130, nothing saved.
+Every rank writes <output_dir>/heartbeat/ and hang/, and every rank reads the checkpoint to resume:
+so give output_dir= a folder every node sees (NFS, Lustre, ...) or a resume stops with an error.
 USAGE
 }
 NNODES=${NNODES:-} HEAD_ADDR=${HEAD_ADDR:-} HEAD_PORT=${HEAD_PORT:-29500} NPROC=${NPROC:-}

@@ -108,3 +108,114 @@ def test_the_link_checker_itself():
     assert relative_links(text) == ["x.md#y", "#local"]
     assert anchors("# Setup\n## Setup\n```\n# not a heading\n```\n### `nproc=N`: local\n") == {
         "setup", "setup-1", "nprocn-local"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Quoted errors and their exit codes: each is quoted on a page and produced by a real run
+
+MNIST = ["--config", "configs/image/mnist_demo.yaml"]
+SYNTHETIC = ["data.synthetic=true", "data.synthetic_train_size=16", "data.synthetic_val_size=4", "batch_size=4",
+             "data.image_size=16", "model.arch=resnet18", "num_workers=0", "epochs=1"]
+BERT = ["--config", "configs/bert/minilm_rotten_tomatoes.yaml"]
+# (page, the quoted text, train.py's arguments, the exit code the page gives it)
+QUOTED_ERRORS = [
+    ("docs/checkpoints.md", "error: unknown config key 'optim.lrr' (did you mean 'lr'?)", [*MNIST, "optim.lrr=1"], 2),
+    ("docs/checkpoints.md", "error: config key 'optim.lr' must be > 0, got -1.0", [*MNIST, "optim.lr=-1"], 2),
+    ("docs/checkpoints.md", "error: data.validation_fraction must be between 0 and 1",
+     [*BERT, "data.validation_fraction=1.5"], 2),
+    ("docs/bert.md", "error: data.validation_fraction must be between 0 and 1", [*BERT, "data.validation_fraction=0"], 2),
+    ("docs/checkpoints.md", "error: model.name_or_path 'no/such/model' is not a local directory",
+     [*BERT, "model.name_or_path=no/such/model"], 1),
+    ("docs/checkpoints.md", "error: fsdp.cpu_offload=true needs GPUs",
+     [*MNIST, *SYNTHETIC, "mode=fsdp", "fsdp.cpu_offload=true", "nproc=2"], 2),
+]
+
+
+def squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("page, quote, args, code", QUOTED_ERRORS,
+                         ids=[f"{q[0]}: {q[1][7:40]}" for q in QUOTED_ERRORS])
+def test_a_quoted_error_is_what_the_run_prints_with_the_exit_code_the_docs_give(page, quote, args, code, tmp_path):
+    text = (ROOT / page).read_text()
+    assert squeeze(quote) in squeeze(text), f"{page} no longer quotes {quote!r}: update QUOTED_ERRORS"
+    table = (ROOT / "docs/checkpoints.md").read_text()
+    assert re.search(rf"^\|\s*{code}\s*\|", table, re.M), f"exit code {code} is not in the table of docs/checkpoints.md"
+    if "cpu_offload" in quote and torch_sees_a_gpu():
+        pytest.skip("with a GPU fsdp.cpu_offload is allowed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "train.py", *args, f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(quote), done.stderr[-3000:]
+    assert done.returncode == code, f"exit code {done.returncode}, the docs say {code}:\n{done.stderr[-3000:]}"
+
+
+def torch_sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures name their result files, and those files exist
+
+RESULT_FILE = re.compile(r"bench/results/([\w.-]+\.(?:md|json))")
+
+
+def named_result_files(text: str) -> list[str]:
+    """bench/results/<file> names in a page, prose and code alike; `<date>-...` patterns are not names."""
+    return RESULT_FILE.findall(text)
+
+
+@pytest.mark.parametrize("page", PAGES + [ROOT / "bench" / "README.md"],
+                         ids=[str(p.relative_to(ROOT)) for p in PAGES + [ROOT / "bench" / "README.md"]])
+def test_every_named_result_file_exists(page):
+    missing = [name for name in named_result_files(page.read_text())
+               if not (ROOT / "bench" / "results" / name).is_file()]
+    assert not missing, f"{page.relative_to(ROOT)} names result files that are not in bench/results/: {missing}"
+
+
+def test_the_result_file_finder_itself():
+    text = ("`bench/results/2026-11-30-overhead-cpu.md`, (bench/results/2026-11-22-gpu-h100-notes.md) and "
+            "`bench/results/<date>-scaling-cpu.md`")
+    assert named_result_files(text) == ["2026-11-30-overhead-cpu.md", "2026-11-22-gpu-h100-notes.md"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark durations: the Makefile, bench/README.md, bench/run_all.py and docs/performance.md say the same
+
+DURATION = re.compile(r"~(\d+(?:\.\d+)?) min")
+BENCH_PAGES = ["Makefile", "bench/README.md", "bench/run_all.py", "docs/performance.md"]
+
+
+def bench_durations() -> dict[str, set[float]]:
+    """Minutes quoted for `make bench` (run_all.py) and for its --quick smoke run, on every line that names them."""
+    found: dict[str, set[float]] = {"full": set(), "quick": set()}
+    for name in BENCH_PAGES:
+        for line in (ROOT / name).read_text().splitlines():
+            if ("make bench" in line or "run_all.py" in line) and (m := DURATION.search(line)):
+                found["quick" if "--quick" in line else "full"].add(float(m.group(1)))
+    return found
+
+
+def script_duration(text: str, script: str) -> set[float]:
+    return {float(m.group(1)) for line in text.splitlines() if f"bench/{script}.py " in line
+            and "--" not in line.split("#")[0] for m in [DURATION.search(line)] if m}
+
+
+def test_benchmark_durations_agree_everywhere():
+    found = bench_durations()
+    assert len(found["full"]) == 1 and len(found["quick"]) == 1, f"make bench durations disagree: {found}"
+    page = (ROOT / "docs" / "performance.md").read_text()
+    parts = []
+    for script in ("overhead", "scaling", "trainer"):
+        own = script_duration((ROOT / "bench" / f"{script}.py").read_text(), script)
+        documented = script_duration(page, script)
+        assert len(own) == 1 and own == documented, f"bench/{script}.py says {own}, docs/performance.md {documented}"
+        parts.append(own.pop())
+    assert abs(sum(parts) - found["full"].pop()) <= 1, f"make bench runs the three scripts: {parts}"

@@ -34,8 +34,9 @@ needs_hosts = pytest.mark.needs_root(*NETNS_TOOLS)
 
 @pytest.mark.parametrize("script, mentions", [
     ("launch/single.sh", ["--config FILE", "CUDA_VISIBLE_DEVICES"]),
-    ("launch/ddp.sh", ["NPROC", "torchrun --standalone"]),
-    ("launch/multinode.sh", ["--nnodes N", "--head ADDR", "--port P", "HEAD_ADDR", "RDZV_TIMEOUT"]),
+    ("launch/ddp.sh", ["NPROC", "torchrun --standalone", "NPROC=1", "SIGINT (Ctrl-C)", "not a stop signal"]),
+    ("launch/multinode.sh", ["--nnodes N", "--head ADDR", "--port P", "HEAD_ADDR", "RDZV_TIMEOUT",
+                             "not a stop signal", "every node sees"]),
 ])
 def test_launch_script_help_says_what_it_takes(script, mentions):
     proc = run_bounded([script, "--help"], 30)

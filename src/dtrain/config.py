@@ -92,7 +92,7 @@ class ImageDataConfig:
     ra_reps: int = opt(1, "repeated augmentation: each image k times per epoch on consecutive ranks, epoch length "
                           "unchanged (1 = off); torchvision --ra-sampler --ra-reps")
     val_crop_ratio: float = opt(0.875, "validation: resize to image_size / ratio, then center crop")
-    on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip and count it")
+    on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip it (one warning line per file)")
 
 
 @dataclass
@@ -176,16 +176,18 @@ class Config:
     compile: bool = opt(False, "torch.compile the model (before DDP wrapping)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward instead of keeping "
                                                 "them (less memory, ~1/3 more compute)")
-    seed: int = opt(0, "base seed; each rank adds its rank for data order-independent randomness")
+    seed: int = opt(0, "base seed; each rank seeds its own generators with seed + 1000 x rank (data order and "
+                          "augmentation are drawn from seed alone)")
     deterministic: bool = opt(False, "deterministic algorithms (bit-exact reruns, slower)")
-    output_dir: str = opt("runs/default", "where config.yaml, metrics.jsonl, tb/ and checkpoints/ go")
+    output_dir: str = opt("runs/default", "where config.yaml, metrics.jsonl, tb/, checkpoints/ and heartbeat/ go")
     resume: str = opt("", "'' = start fresh, 'auto' = <output_dir>/checkpoints/last.pt if present, or a file")
     eval_only: bool = opt(False, "evaluate the resumed checkpoint and exit (needs resume)")
     eval_every: int = opt(1, "evaluate every N epochs (and after the last)")
     best_metric: Literal["accuracy", "ema_accuracy"] = opt(
         "accuracy", "what best.pt is chosen by: the model's validation accuracy or the EMA's (needs ema.enabled)")
     checkpoint_every: int = opt(0, "also save last.pt every N optimizer steps, mid-epoch (0 = each epoch only)")
-    keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt")
+    keep_last: int = opt(2, "keep this many step-numbered checkpoints besides last.pt/best.pt (0: no step "
+                                 "files, only last.pt and best.pt)")
     async_save: bool = opt(False, "write checkpoints in the background: a save blocks training only while the state "
                                   "is copied to host memory (costs a host copy of the state; docs/checkpoints.md)")
     num_workers: int = opt(2, "DataLoader worker processes per rank")
@@ -199,7 +201,8 @@ class Config:
     progress: bool = opt(True, "rank-0 progress bar when stderr is a terminal (plain lines otherwise)")
     timeout_s: float = opt(600.0, "collective/rendezvous timeout in seconds: a dead peer fails the job after this")
     nonfinite_loss: Literal["stop", "skip"] = opt(
-        "stop", "non-finite loss: stop with an error, or skip the step (skip waits for the GPU every step)")
+        "stop", "non-finite loss or gradient: stop with an error, or skip the step (skip waits for the GPU every "
+        "step); with precision=fp16 the gradient scaler alone handles it (skips the step, lowers its scale)")
     stop_signals: list[str] = opt(["SIGTERM", "SIGUSR1"],
                                   "signals that make all ranks stop at the same step, save, and exit with code 3")
     requeue: bool = opt(True, "after a stop signal inside a Slurm job, rank 0 requeues it (`scontrol requeue`; in "

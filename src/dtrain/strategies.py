@@ -198,7 +198,7 @@ class FSDP(Strategy):
 
         fsdp = self.cfg.fsdp
         if fsdp.cpu_offload and self.env.device.type != "cuda":
-            raise UserError("fsdp.cpu_offload=true needs GPUs: on the CPU the parameters are in CPU memory already")
+            raise ConfigError("fsdp.cpu_offload=true needs GPUs: on the CPU the parameters are in CPU memory already")
         model = self.sync_batch_norm(model.to(self.env.device))
         # FSDP2 shards only contiguous parameters, and channels_last gives conv weights NHWC strides:
         # they go back to contiguous. The inputs stay channels_last, which is what makes cuDNN pick

@@ -27,7 +27,7 @@ from torch import nn
 
 from dtrain.config import BertDataConfig, BertModelConfig, Config
 from dtrain.dist import DistEnv, main_first
-from dtrain.errors import UserError
+from dtrain.errors import ConfigError, UserError
 from dtrain.workloads import Task
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
@@ -107,23 +107,23 @@ def check_options(cfg: Config) -> None:
     model_cfg: BertModelConfig = cfg.model
     data: BertDataConfig = cfg.data
     if not model_cfg.name_or_path:
-        raise UserError("model.name_or_path is empty: give a local model directory, e.g. "
-                        "model.name_or_path=/models/bert-base-uncased (make demo-bert prepares a small one)")
+        raise ConfigError("model.name_or_path is empty: give a local model directory, e.g. "
+                          "model.name_or_path=/models/bert-base-uncased (make demo-bert prepares a small one)")
     if not data.train_files:
-        raise UserError("data.train_files is empty: give csv/tsv/json/jsonl/parquet files, e.g. "
-                        "data.train_files=data/train.csv")
+        raise ConfigError("data.train_files is empty: give csv/tsv/json/jsonl/parquet files, e.g. "
+                          "data.train_files=data/train.csv")
     if len(data.text_columns) not in (1, 2):
-        raise UserError(f"data.text_columns must name one column (a sentence) or two (a pair), "
-                        f"got {len(data.text_columns)}: {data.text_columns}")
+        raise ConfigError(f"data.text_columns must name one column (a sentence) or two (a pair), "
+                          f"got {len(data.text_columns)}: {data.text_columns}")
     if not data.validation_files and not 0.0 < data.validation_fraction < 1.0:
-        raise UserError(f"data.validation_fraction must be between 0 and 1 (exclusive) when data.validation_files "
-                        f"is empty, got {data.validation_fraction}")
+        raise ConfigError(f"data.validation_fraction must be between 0 and 1 (exclusive) when data.validation_files "
+                          f"is empty, got {data.validation_fraction}")
     if model_cfg.max_length < 2 + len(data.text_columns):
-        raise UserError(f"model.max_length={model_cfg.max_length} leaves no room for text after the special tokens")
+        raise ConfigError(f"model.max_length={model_cfg.max_length} leaves no room for text after the special tokens")
     if data.max_train_samples < 0:
-        raise UserError(f"data.max_train_samples must be >= 0, got {data.max_train_samples}")
+        raise ConfigError(f"data.max_train_samples must be >= 0, got {data.max_train_samples}")
     if len(set(data.labels)) != len(data.labels):
-        raise UserError(f"data.labels lists a name twice: {data.labels}")
+        raise ConfigError(f"data.labels lists a name twice: {data.labels}")
 
 
 def quiet_libraries() -> None:
