@@ -214,3 +214,24 @@ def test_prepare_bad_arguments_are_one_line_and_exit_2(source, tmp_path, args, n
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert listing(source) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Mid-epoch resume on JPEG files (decoded by torchvision.io)
+
+
+@pytest.fixture(scope="module")
+def tiny_jpegs(tmp_path_factory):
+    """tiny_images' layout (3 classes, 8 training images each, 7 validation images) as JPEG photographs."""
+    root = tmp_path_factory.mktemp("tiny_jpegs")
+    for split, counts in {"train": {"a": 8, "b": 8, "c": 8}, "val": {"a": 3, "b": 2, "c": 2}}.items():
+        for ci, (cls, n) in enumerate(counts.items()):
+            for i in range(n):
+                write(root / split / cls / f"{i:03d}.jpg", photo(30, 40, seed=10 * ci + i), quality=90)
+    return root
+
+
+def test_v2_recipe_on_jpegs_resumed_mid_epoch_equals_an_uninterrupted_run(tiny_jpegs, tmp_path):
+    from test_recipe_runs import test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run as check
+
+    check(tiny_jpegs, tmp_path)  # data.decode=tensor is the default: the same check as on the PNG folder
