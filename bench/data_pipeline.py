@@ -1,19 +1,25 @@
-"""Can the data loader feed the model? Images/s of the image pipeline per DataLoader worker and in total, next to
-the model's own images/s at the same batch, for the ResNet-50 v1 and v2 recipes.
+"""Can the data loader feed the model? Images/s per CPU core of each image input path, against torchvision's
+reference loader measured in the same run, beside the model's own images/s, for the ResNet-50 v1/v2 recipes.
 
-    python bench/data_pipeline.py                  # CPU (~6 min on 2 cores)
-    python bench/data_pipeline.py --quick          # smoke run (~1.5 min)
-    python bench/data_pipeline.py --device cuda    # GPU: the model in bf16 + channels_last at the preset's batch
-    python bench/data_pipeline.py --data /data/imagenet   # your own ImageFolder instead of generated JPEGs
+    python bench/data_pipeline.py                  # CPU (~10 min on 2 cores)
+    python bench/data_pipeline.py --quick          # smoke run (~2 min)
+    python bench/data_pipeline.py --device cuda    # the model in bf16 + channels_last at the preset's batch
+    python bench/data_pipeline.py --root /data/imagenet   # your own ImageFolder (train/<class>/*) instead
 
-Pipeline: JPEG files decoded by PIL, the recipe's per-sample transforms (configs/image/resnet50_v1.yaml: random
-resized crop 224 + flip; resnet50_v2.yaml: crop 176 + flip + TrivialAugmentWide + random erasing), collation,
-and for v2 MixUp/CutMix per batch: exactly train.py's training loader (dtrain.data.make_loaders) in a fresh
-process with W worker processes, one pass over the images timed whole after a first pass (worker start-up,
-page cache). Model: train.py with the same preset on synthetic images of the training crop size (no loading
-work), its steady-state samples/s. Every measurement is a fresh process; the cases alternate over repetitions
-and the table gives medians (min-max). Generated images are 500x375 JPEGs (quality 90, about ImageNet's mean
-size).
+Paths (each train.py's own training loader, dtrain.data.make_loaders + dtrain.workloads.image, with the
+recipe's per-sample transforms, collation and, for v2, MixUp/CutMix per batch):
+- `pil`: data.decode=pil (PIL decode and PIL transforms, as before this path existed);
+- `tensor`: data.decode=tensor (torchvision.io decode, the default);
+- `tensor, prepared copy`: data.decode=tensor on a copy written by `python -m dtrain.prepare_images
+  --short-side S` (S = --short-side, default 192).
+REFERENCE: torchvision's reference-script style loader in the same run: torchvision.datasets.ImageFolder (PIL
+decode), the same per-sample transforms.v2 (the recipe's, on PIL images), default_collate; no MixUp/CutMix
+(the project's side includes them). Each measurement is a fresh process: one loader in the main process
+(num_workers=0), torch at 1 thread, one pass to warm up, then one timed pass; images / CPU seconds of the
+process, so each figure is images/s per core (other jobs on the machine do not count). Cases alternate over
+repetitions; ratios are to the reference of the same repetition. The model: train.py with the same preset
+on synthetic images of the training crop size (no loading work), steady-state images/s; workers needed =
+model / per-core rate, rounded up. Generated images: 500x375 JPEGs, quality 90 (about ImageNet's mean size).
 Writes bench/results/<date>-data_pipeline-<device>.json (+ .md).
 """
 
@@ -23,6 +29,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,16 +42,18 @@ PRESETS = {"v1": ROOT / "configs/image/resnet50_v1.yaml", "v2": ROOT / "configs/
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few images and steps, one repetition: checks that it runs")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--recipes", default="v1,v2", help="comma-separated: v1, v2")
-    p.add_argument("--workers", default="", help="comma-separated worker counts (default: 1 and every usable core)")
+    p.add_argument("--quick", action="store_true", help="few images, one repetition: checks that it runs")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model's img/s is measured")
+    p.add_argument("--recipes", default="v2", help="comma-separated: v1, v2")
     p.add_argument("--batch", type=int, default=0, help="batch per process (default: CPU 16, GPU the preset's)")
-    p.add_argument("--images", type=int, default=0, help="generated JPEGs (default 512; --quick 96)")
-    p.add_argument("--data", type=Path, default=None, help="an ImageFolder root (train/<class>/*) to read instead")
+    p.add_argument("--images", type=int, default=0, help="generated JPEGs (default 512; --quick 64)")
+    p.add_argument("--root", "--data", dest="root", type=Path, default=None,
+                   help="an ImageFolder root (train/<class>/*) to read instead of generated JPEGs")
+    p.add_argument("--short-side", type=int, default=192, help="short side of the prepared copy")
     p.add_argument("--reps", type=int, default=0, help="repetitions (default 3; --quick 1)")
+    p.add_argument("--no-model", action="store_true", help="skip the model's img/s (loader paths only)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    p.add_argument("--child-loader", nargs=3, metavar=("PRESET", "ROOT", "WORKERS"), help=argparse.SUPPRESS)
+    p.add_argument("--child-loader", nargs=4, metavar=("PRESET", "ROOT", "DECODE", "BATCH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -85,9 +94,24 @@ def write_jpegs(root: Path, count: int, classes: int = 10) -> Path:
 # Measurements (each in a fresh process)
 
 
-def child_loader(preset: str, root: str, workers: int, batch: int) -> None:
-    """Two passes of train.py's training loader over the images; prints {"rate": images/s} of the second, whole
-    (the first starts the persistent workers and fills the page cache)."""
+def child_loader(preset: str, root: str, decode: str, batch: int) -> None:
+    """Two passes of a training loader in this process; prints {"rate": images per CPU second} of the second."""
+    import torch
+
+    torch.set_num_threads(1)
+    loader, start_epoch = reference_loader(preset, root, batch) if decode == "reference" else \
+        project_loader(preset, root, decode, batch)
+    for epoch in range(2):
+        start_epoch(epoch)
+        began, images = time.process_time(), 0
+        for batch_images, *_ in loader:
+            images += batch_images.shape[0]
+    print(json.dumps({"rate": images / (time.process_time() - began), "images": images}))
+
+
+def project_loader(preset: str, root: str, decode: str, batch: int):
+    """train.py's training loader: dtrain.data.make_loaders with the image workload's dataset, collation and
+    MixUp/CutMix, as dtrain.workloads.image.build hands them over."""
     import torch
 
     from dtrain.config import load_config
@@ -95,27 +119,48 @@ def child_loader(preset: str, root: str, workers: int, batch: int) -> None:
     from dtrain.dist import DistEnv
     from dtrain.workloads import image
 
-    torch.set_num_threads(1)
-    cfg = load_config(preset, [f"data.root={root}", f"batch_size={batch}", f"num_workers={workers}"])
+    cfg = load_config(preset, [f"data.root={root}", f"batch_size={batch}", "num_workers=0", f"data.decode={decode}"])
     env = DistEnv(mode="single", device=torch.device("cpu"))
     train_set, val_set = image.image_folders(cfg.data)
     loader, sampler, _ = make_loaders(train_set, val_set, image.collate_skipping_bad, cfg, env, True,
                                       batch_transform=image.mixup_cutmix(cfg.data, len(train_set.classes)),
                                       ra_reps=cfg.data.ra_reps)
-    for epoch in range(2):
-        sampler.start_epoch(epoch)
-        began, images = time.perf_counter(), 0
-        for batch_images, _, _ in loader:
-            images += batch_images.shape[0]
-    print(json.dumps({"rate": images / (time.perf_counter() - began), "images": images}))
+    return loader, sampler.start_epoch
 
 
-def loader_rate(args, preset: Path, root: Path, workers: int, work: Path) -> float:
+def reference_loader(preset: str, root: str, batch: int):
+    """torchvision's reference script's loader: ImageFolder (PIL), the recipe's per-sample transforms.v2 on PIL
+    images (the same objects train.py builds with data.decode=pil), default_collate, a shuffling sampler."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from dtrain.config import load_config
+    from dtrain.workloads import image
+
+    cfg = load_config(preset, [f"data.root={root}", "data.decode=pil"])
+    dataset = ImageFolder(f"{root}/train", transform=image.train_transform(cfg.data))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(0))
+    return loader, lambda epoch: None
+
+
+def loader_rate(args, preset: Path, root: Path, decode: str, work: Path) -> float:
     log = work / "loader.log"
-    cmd = python_cmd(Path(__file__), ["--child-loader", str(preset), str(root), str(workers),
-                                      f"--batch={args.batch}"])
+    cmd = python_cmd(Path(__file__), ["--child-loader", str(preset), str(root), decode, str(args.batch)])
     run_job(cmd, child_env(1), log, timeout=1800)
     return json.loads(log.read_text().strip().splitlines()[-1])["rate"]
+
+
+def prepared_copy(root: Path, short_side: int, work: Path) -> Path:
+    """The train/ folder of `root` written by dtrain.prepare_images (kept between runs; reruns skip what is done)."""
+    copy = work / f"prepared-{short_side}"
+    subprocess.run([sys.executable, "-m", "dtrain.prepare_images", str(root / "train"), str(copy / "train"),
+                    "--short-side", str(short_side), "--quality", "90"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env=child_env(1))
+    if not (copy / "val").exists():  # the loaders want a val/ folder with the same classes; it is not read here
+        shutil.copytree(copy / "train", copy / "val")
+    return copy
 
 
 def model_rate(args, preset: Path, work: Path) -> float:
@@ -141,45 +186,54 @@ def model_rate(args, preset: Path, work: Path) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_loader:
-        preset, root, workers = args.child_loader
-        child_loader(preset, root, int(workers), args.batch)
+        preset, root, decode, batch = args.child_loader
+        child_loader(preset, root, decode, int(batch))
         return 0
-    cores = usable_cores()
     args.batch = args.batch or (16 if args.device == "cpu" else 128)
     args.model_steps, args.log_every = (6, 2) if args.device == "cpu" else (40, 10)
     reps = args.reps or (1 if args.quick else 3)
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, cores})
     recipes = [r.strip() for r in args.recipes.split(",")]
     work = args.results / "work" / f"data_pipeline-{args.device}"
-    root = args.data or write_jpegs(work / "images", args.images or (96 if args.quick else 512))
-    print(f"data pipeline vs model: recipes {recipes}, batch {args.batch}, workers {workers}, {reps} repetition(s), "
-          f"images from {root}", flush=True)
+    root = args.root or write_jpegs(work / "images", args.images or (64 if args.quick else 512))
+    prepared = prepared_copy(root, args.short_side, work)
+    paths = {"reference (torchvision, PIL)": ("reference", root), "pil": ("pil", root), "tensor": ("tensor", root),
+             f"tensor, prepared copy (short side {args.short_side})": ("tensor", prepared)}
+    print(f"image input paths vs model: recipes {recipes}, batch {args.batch}, {reps} repetition(s), images from "
+          f"{root}, prepared copy {prepared}", flush=True)
 
     cases = {}
     for recipe in recipes:
-        for w in workers:
-            cases[f"{recipe} loader x{w}"] = lambda d, r=recipe, w=w: loader_rate(args, PRESETS[r], root, w, d)
-        cases[f"{recipe} model"] = lambda d, r=recipe: model_rate(args, PRESETS[r], d)
-    results = {name: summary(values) for name, values in interleaved(cases, reps, work / "runs", "img/s").items()}
+        for name, (decode, folder) in paths.items():
+            cases[f"{recipe} {name}"] = lambda d, r=recipe, dec=decode, f=folder: loader_rate(args, PRESETS[r], f,
+                                                                                                dec, d)
+        if not args.no_model:
+            cases[f"{recipe} model"] = lambda d, r=recipe: model_rate(args, PRESETS[r], d)
+    runs = interleaved(cases, reps, work / "runs", "img/s")
+    results = {name: summary(values) for name, values in runs.items()}
 
     rows = []
     for recipe in recipes:
-        one = results[f"{recipe} loader x1"]["median"] if 1 in workers else None
-        model = results[f"{recipe} model"]
-        row = [recipe, fmt_summary(results[f"{recipe} loader x1"]) if one else "-"]
-        row += [fmt_summary(results[f"{recipe} loader x{w}"]) for w in workers if w != 1]
-        needed = math.ceil(model["median"] / one) if one else "-"
-        rows.append(row + [fmt_summary(model), needed])
-    headers = ["recipe", "loader, 1 worker (img/s)"] + [f"loader, {w} workers (img/s)" for w in workers if w != 1]
-    headers += [f"model {args.device}, batch {args.batch} (img/s)", "workers to feed the model"]
-    note = (f"median (min-max) of {reps}; loader: decode + the recipe's transforms + collation (+ MixUp/CutMix for "
-            f"v2), one DataLoader worker process per count, {cores} usable cores; model: train.py on synthetic "
+        reference = runs[f"{recipe} {next(iter(paths))}"]
+        model = results.get(f"{recipe} model")
+        for name in paths:
+            rates = runs[f"{recipe} {name}"]
+            ratio = summary([a / b for a, b in zip(rates, reference)])
+            results[f"{recipe} {name} / reference"] = ratio
+            needed = math.ceil(model["median"] / results[f"{recipe} {name}"]["median"]) if model else "-"
+            rows.append([recipe, name, fmt_summary(results[f"{recipe} {name}"]), fmt_summary(ratio, 3),
+                         fmt_summary(model) if model else "-", needed])
+    headers = ["recipe", "input path", "img/s per core", "x reference (same rep)",
+               f"model {args.device}, batch {args.batch} (img/s)", "cores (workers) to feed the model"]
+    source = f"{root} (--root)" if args.root else "generated 500x375 JPEGs, quality 90"
+    note = (f"median (min-max) of {reps}; images: {source}; batch {args.batch}; one loader per fresh process, "
+            "num_workers=0, 1 thread, images per CPU second; project paths include collation and (v2) MixUp/CutMix, "
+            "the reference (torchvision's reference-script loader) neither MixUp/CutMix; model: train.py on synthetic "
             "images of the training crop, " + ("bf16 + channels_last" if args.device == "cuda" else
-                                                f"fp32, {cores} threads"))
-    table = print_table("Data pipeline vs model (ResNet-50 recipes)", headers, rows, note)
+                                                f"fp32, {usable_cores()} threads"))
+    table = print_table("Image input paths vs model (ResNet-50 recipes)", headers, rows, note)
     write_json(args.results, f"data_pipeline-{args.device}{'-quick' if args.quick else ''}",
-               {"machine": machine_info(), "settings": {"batch": args.batch, "workers": workers, "reps": reps,
-                                                        "images": str(root), "device": args.device},
+               {"machine": machine_info(), "settings": {"batch": args.batch, "reps": reps, "images": str(root),
+                                                        "short_side": args.short_side, "device": args.device},
                 "results": results, "table": table})
     return 0
 

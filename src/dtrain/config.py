@@ -93,6 +93,9 @@ class ImageDataConfig:
                           "unchanged (1 = off); torchvision --ra-sampler --ra-reps")
     val_crop_ratio: float = opt(0.875, "validation: resize to image_size / ratio, then center crop")
     on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip it (one warning line per file)")
+    decode: Literal["tensor", "pil"] = opt("tensor", "image files decoded to uint8 tensors (JPEG by torchvision.io) "
+                                                     "and transformed as tensors, or as PIL images (torchvision's "
+                                                     "reference)")
 
 
 @dataclass

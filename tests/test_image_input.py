@@ -1,0 +1,237 @@
+"""The image input paths: tensor decode (data.decode=tensor, the default) against PIL (data.decode=pil), the
+in-place MixUp/CutMix, and the prepared copy (python -m dtrain.prepare_images)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from dtrain.config import load_config
+from dtrain.data import seeded
+from dtrain.workloads import image
+from dtrain.workloads.image_io import read_rgb_tensor
+from helpers import ROOT, subprocess_env
+
+V2 = ROOT / "configs" / "image" / "resnet50_v2.yaml"
+
+
+def photo(height: int = 75, width: int = 100, seed: int = 0) -> Image.Image:
+    """Smooth random content (compresses like a photograph): JPEG artefacts stay small."""
+    coarse = torch.rand(3, 6, 8, generator=torch.Generator().manual_seed(seed))
+    fine = torch.nn.functional.interpolate(coarse[None], size=(height, width), mode="bicubic")[0].clamp(0, 1)
+    return Image.fromarray((fine * 255).byte().permute(1, 2, 0).numpy())
+
+
+def write(path, picture: Image.Image, fmt: str = "JPEG", **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, fmt, **kw)
+    return path
+
+
+def v2_recipe(decode: str, **overrides):
+    return load_config(str(V2), [f"data.decode={decode}", "data.train_crop_size=48", "data.image_size=56",
+                                 "data.val_resize_size=64", *[f"data.{k}={v}" for k, v in overrides.items()]]).data
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_files_decode_to_the_pixels_pil_gives(tmp_path, mode):
+    path = write(tmp_path / "a.jpg", photo().convert(mode), quality=90)
+    expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(read_rgb_tensor(str(path)), expected)
+
+
+def test_other_files_read_as_the_pil_path_reads_them(tmp_path):
+    sixteen_bit = tmp_path / "deep.png"
+    Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)).save(sixteen_bit)
+    palette = write(tmp_path / "p.png", photo().convert("P"), "PNG")
+    for path in (sixteen_bit, palette):
+        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(read_rgb_tensor(str(path)), expected), path.name
+
+
+def test_unreadable_files_raise_what_pil_raises_so_they_are_skipped_or_stop_the_run(tmp_path):
+    good = write(tmp_path / "train" / "a" / "good.jpg", photo())
+    truncated = tmp_path / "train" / "a" / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "train" / "a" / "text.jpg").write_bytes(b"not an image at all")
+    folder = image.SafeImageFolder(str(tmp_path / "train"), transform=image.val_transform(v2_recipe("tensor")),
+                                   loader=read_rgb_tensor)
+    results = {os.path.basename(path): folder[i] for i, (path, _) in enumerate(folder.samples)}
+    assert results["good.jpg"][0].shape == (3, 56, 56)
+    for name in ("truncated.jpg", "text.jpg"):
+        picture, (path, reason) = results[name]
+        assert picture is None and path.endswith(name)
+        with pytest.raises(OSError) as pil_error:
+            Image.open(path).convert("RGB")
+        assert type(pil_error.value).__name__ in reason  # the same error the PIL path reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Same seeds, same draws, close pixels
+
+
+def transformed(decode: str, picture: Image.Image, seed: int, **overrides):
+    transform = image.train_transform(v2_recipe(decode, **overrides))
+    source = picture if decode == "pil" else torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+    with seeded(seed):
+        out = transform(source)
+        return out, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "none"])
+def test_pil_and_tensor_paths_draw_the_same_crop_flip_and_op_and_give_close_pixels(policy):
+    picture = photo(150, 200)
+    close, far = [], []
+    for seed in range(12):
+        a, state_a = transformed("pil", picture, seed, auto_augment=policy, random_erase=0.0)
+        b, state_b = transformed("tensor", picture, seed, auto_augment=policy, random_erase=0.0)
+        assert torch.equal(state_a, state_b), seed  # the same number of draws: the same ops were chosen
+        assert a.shape == b.shape == (3, 48, 48) and a.dtype == b.dtype == torch.float32
+        close.append((a - b).abs().mean().item())
+        far.append((a - transformed("tensor", picture, seed + 100, auto_augment=policy, random_erase=0.0)[0])
+                   .abs().mean().item())
+    # Resampling differs between PIL's and torch's antialiased kernels by about one grey level (1/255 / 0.225
+    # = 0.017 normalised); another seed's crop differs by far more.
+    assert max(close) < 0.05, close
+    assert min(far) > 4 * max(close), (close, far)
+
+
+def test_random_erasing_draws_the_same_rectangle_on_both_paths():
+    picture = photo(150, 200)
+    for seed in range(6):
+        a, _ = transformed("pil", picture, seed, random_erase=1.0)
+        b, _ = transformed("tensor", picture, seed, random_erase=1.0)
+        assert torch.equal(a == 0, b == 0)  # the erased rectangle (zeros after normalisation) is the same
+
+
+def test_normalized_float_equals_torchvisions_steps():
+    picture = photo()
+    reference = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(image.IMAGENET_MEAN, image.IMAGENET_STD)])(picture)
+    pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+    for source in (picture, pixels, pixels.contiguous()):
+        assert torch.allclose(image.NormalizedFloat()(source), reference, atol=1e-5)
+    assert np.array_equal(np.array(image.as_pil(pixels)), np.array(picture))
+
+
+# ---------------------------------------------------------------------------------------------
+# MixUp / CutMix in place
+
+
+def test_mix_in_place_draws_and_mixes_as_torchvisions_random_choice():
+    choices = [v2.MixUp(alpha=0.2, num_classes=5), v2.CutMix(alpha=1.0, num_classes=5)]
+    kinds = set()
+    for seed in range(12):
+        images, targets = torch.randn(6, 3, 20, 24), torch.randint(5, (6,))
+        with seeded(seed):
+            expected_images, expected_targets = v2.RandomChoice(choices)(images.clone(), targets)
+        with seeded(seed):
+            got_images, got_targets = image.mix_in_place(choices, images.clone(), targets, 5)
+        assert torch.equal(got_targets, expected_targets)
+        assert torch.allclose(got_images, expected_images, atol=1e-6)
+        kinds.add(torch.equal(got_images, expected_images))  # CutMix: equal; MixUp: within rounding
+    assert kinds == {True, False}  # both were drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared copy
+
+
+def prepare(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dtrain.prepare_images", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=subprocess_env(), cwd=ROOT)
+
+
+@pytest.fixture
+def source(tmp_path):
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            for i in range(3):
+                write(src / split / c / f"{i}.jpg", photo(300, 400, seed=i), quality=95)
+    write(src / "train" / "a" / "gray.png", photo(120, 90).convert("L"), "PNG")
+    (src / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return src
+
+
+def listing(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_prepare_writes_a_resized_copy_lists_unreadable_files_and_never_touches_src(source, tmp_path):
+    before = listing(source)
+    proc = prepare(source, tmp_path / "dst", "--short-side", 64, "--quality", 90, "--workers", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(source) == before
+    written = sorted(str(p.relative_to(tmp_path / "dst")) for p in (tmp_path / "dst").rglob("*.jpg"))
+    assert len(written) == 13 and "train/a/gray.jpg" in written and "train/b/broken.jpg" not in written
+    assert Image.open(tmp_path / "dst" / "train" / "a" / "0.jpg").size == (85, 64)  # 400x300 -> short side 64
+    assert Image.open(tmp_path / "dst" / "train" / "a" / "gray.jpg").size == (64, 85)
+    assert "unreadable (not copied):" in proc.stdout and "broken.jpg" in proc.stdout
+    assert "13 written, 0 already there, 1 unreadable" in proc.stdout
+
+
+def test_prepare_is_idempotent_and_finishes_an_interrupted_run(source, tmp_path):
+    dst = tmp_path / "dst"
+    assert prepare(source, dst, "--short-side", 64).returncode == 0
+    first = listing(dst)
+    again = prepare(source, dst, "--short-side", 64)
+    assert again.returncode == 0 and "0 written, 13 already there" in again.stdout
+    assert listing(dst) == first  # nothing rewritten
+    # An interrupted run: some images missing, one half-written temporary file left behind.
+    (dst / "train" / "b" / "1.jpg").unlink()
+    (dst / "val" / "a" / "2.jpg").unlink()
+    (dst / "val" / "a" / ".2.jpg.999.tmp").write_bytes(b"\xff\xd8 half")
+    resumed = prepare(source, dst, "--short-side", 64)
+    assert resumed.returncode == 0 and "2 written, 11 already there" in resumed.stdout
+    assert not list(dst.rglob("*.tmp"))
+    assert sorted(name for name, _ in listing(dst)) == sorted(name for name, _ in first)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{tmp}/missing", "{tmp}/dst", "--short-side", "64"], "is not a folder"),
+    (["{src}", "{src}/copy", "--short-side", "64"], "inside SRC"),
+    (["{src}", "{src}", "--short-side", "64"], "inside SRC"),
+    (["{src}/train", "{src}", "--short-side", "64"], "inside DST"),
+    (["{src}", "{tmp}/dst", "--short-side", "0"], "--short-side must be >= 1"),
+    (["{src}", "{tmp}/dst", "--short-side", "64", "--quality", "101"], "--quality must be 1-100"),
+])
+def test_prepare_bad_arguments_are_one_line_and_exit_2(source, tmp_path, args, needle):
+    before = listing(source)
+    proc = prepare(*[a.format(tmp=tmp_path, src=source) for a in args])
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert listing(source) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Mid-epoch resume on JPEG files (decoded by torchvision.io)
+
+
+@pytest.fixture(scope="module")
+def tiny_jpegs(tmp_path_factory):
+    """tiny_images' layout (3 classes, 8 training images each, 7 validation images) as JPEG photographs."""
+    root = tmp_path_factory.mktemp("tiny_jpegs")
+    for split, counts in {"train": {"a": 8, "b": 8, "c": 8}, "val": {"a": 3, "b": 2, "c": 2}}.items():
+        for ci, (cls, n) in enumerate(counts.items()):
+            for i in range(n):
+                write(root / split / cls / f"{i:03d}.jpg", photo(30, 40, seed=10 * ci + i), quality=90)
+    return root
+
+
+def test_v2_recipe_on_jpegs_resumed_mid_epoch_equals_an_uninterrupted_run(tiny_jpegs, tmp_path):
+    from test_recipe_runs import test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run as check
+
+    check(tiny_jpegs, tmp_path)  # data.decode=tensor is the default: the same check as on the PNG folder
