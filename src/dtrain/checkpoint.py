@@ -54,6 +54,11 @@ class TrainState:
     best_accuracy: float = -1.0  # the best value of best_metric so far (the name predates best_metric)
     world_size: int = 1  # world size that wrote the checkpoint
     best_metric: str = "accuracy"  # what best_accuracy measures
+    # The layout that began `epoch` (world size, batch_size, grad_accum_steps; 0: unknown, an older
+    # checkpoint): it fixes the epoch's sample order and end, so a resize can deal out the rest.
+    epoch_world_size: int = 0
+    epoch_batch_size: int = 0
+    epoch_grad_accum_steps: int = 0
 
 
 @dataclass
