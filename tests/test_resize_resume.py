@@ -4,11 +4,13 @@ ranks, every sample of the epoch trained exactly once (samplers in-process here;
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from dtrain import ledger
 from dtrain.data import Layout, LengthGroupedSampler, RepeatedAugmentationSampler, ResumableSampler
-from helpers import Numbers, env_of
+from helpers import PATCHED_TRAIN, SYNTH, Numbers, env_of, finish, kill_session, start_ranks, wait_until
 
 
 def make(kind: str, n: int, rank: int, layout: Layout):
@@ -84,3 +86,48 @@ def test_a_rest_smaller_than_one_sample_per_micro_batch_is_left_out_and_said():
     late = ranks("plain", 10, Layout(3, 1, 2))
     assert [s.start_resized(0, 4, origin) for s in late] == [4] * 3  # 4 left, 3 ranks x 2 micro-batches needed
     assert all(s.micro_batches() == [] for s in late)
+
+
+# 96 samples; 2 ranks x batch 2 save at step 5 (20 samples consumed: 3 does not divide it), 3 ranks x 2 at step 10.
+RESIZED = [*SYNTH, "batch_size=2", "epochs=2", "checkpoint_every=5", "keep_last=2", "resume=auto",
+           "record_samples=true", "threads=1"]
+
+
+def kill_in_second_save(args: list[str], world_size: int, out: Path, hang: str) -> None:
+    """Run `world_size` ranks until the second checkpoint save blocks (after the steps since the first were
+    trained and recorded), then SIGKILL every rank: the first save is what is left."""
+    for marker in (out / "checkpoints").glob("*.hanging"):  # the previous attempt's
+        marker.unlink()
+    procs = start_ranks(args, world_size, script=PATCHED_TRAIN, **{hang: "2"})
+    try:
+        wait_until(lambda: list((out / "checkpoints").glob("*.hanging")), *procs, timeout=180,
+                   what="the second checkpoint save")
+    finally:
+        for proc in procs:
+            kill_session(proc)
+    finish(procs)
+
+
+@pytest.mark.parametrize("mode, hang", [("ddp", "HANG_ON_SAVE"), ("fsdp", "HANG_IN_SHARDED_SAVE")])
+def test_killed_and_resumed_on_3_then_1_ranks_trains_every_sample_of_each_epoch_once(tmp_path, mode, hang, capsys):
+    out = tmp_path / "run"
+    args = [*RESIZED, f"mode={mode}", f"output_dir={out}"]
+    kill_in_second_save(args, 2, out, hang)  # saved at step 5; steps 6-10 trained, then lost
+    assert max(ledger.read(out)[0]["step"]) == 10
+    kill_in_second_save(args, 3, out, hang)  # resumed at step 5 on 3 ranks, saved at step 10, lost 11-15
+    assert sorted(ledger.read(out)) == [0, 1, 2]
+    done = finish(start_ranks(args, 1), timeout=240)[0]  # one process (a world of 1 in this mode) from step 10
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout and "step 10" in done.stdout
+    assert "remaining samples after 50 are dealt over 1 process(es)" in done.stdout
+    rows = ledger.read(out)
+    for epoch in (0, 1):
+        seen = Counter(i for r in rows.values() for i in r["index"][r["epoch"] == epoch].tolist())
+        assert seen == Counter(range(96)), f"epoch {epoch}: not every sample exactly once"
+    steps = sorted(set(rows[0]["step"].tolist()))
+    assert steps == list(range(1, 34 + 48))  # no step lost, none recorded twice: 33 steps, then 48 at batch 2
+    # Steps 6-10 ran on 3 ranks (the 2-rank attempt was rolled back): 6 samples a step, 2 on each.
+    at_7 = ledger.samples_at(out, 7)
+    assert sorted(at_7) == [0, 1, 2] and all(len(v) == 2 for v in at_7.values())
+    assert ledger.main([str(out), "--step", "7", "--rank", "1"]) == 0
+    assert capsys.readouterr().out == f"rank 1 epoch 0 step 7: {' '.join(map(str, at_7[1]))}\n"
