@@ -233,10 +233,14 @@ def fit(t: Trainer) -> dict[str, float]:
             stop_after_save(t)
     if not metrics:  # resumed a finished run: report where it stands
         metrics = evaluate_and_log(t)
-    if t.task.export is not None:
-        whole = t.strategy.full_model_state_dict()  # every rank: a collective under FSDP
+    if t.task.export is not None:  # from the checkpoint just saved: no gather of the model onto one rank
+        failure = None
         if t.env.is_main:
-            t.task.export(t.strategy.raw_model, whole, cfg.output_dir)
+            try:
+                t.task.export(cfg.output_dir)
+            except UserError as e:
+                failure = e
+        agree_on_failure(failure, t.env)
     barrier(t.env)
     return metrics
 
