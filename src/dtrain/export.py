@@ -45,20 +45,33 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 def find_source(source: Path) -> ckpt.Checkpoint:
     """The checkpoint `source` names: a run's output_dir (its newest readable one), a file or a folder."""
     if (source / "checkpoints").is_dir():
-        found = ckpt.load_latest(ckpt.resume_candidates("auto", str(source)), warn=lambda msg: print(msg))
-        if found is None:
-            raise UserError(f"{source} holds no checkpoint to export")
-        return _without_tensors(found)
+        for candidate in ckpt.resume_candidates("auto", str(source)):
+            try:
+                return read_mapped(candidate)
+            except UserError as e:
+                print(f"warning: {e}; trying an older checkpoint", flush=True)
+        raise UserError(f"{source} holds no readable checkpoint to export")
     if not source.exists():
         raise UserError(f"{source} does not exist: give a run's output_dir or a checkpoint")
-    return _without_tensors(ckpt.read_checkpoint(source.resolve() if source.is_symlink() else source))
+    return read_mapped(source)
 
 
-def _without_tensors(found: ckpt.Checkpoint) -> ckpt.Checkpoint:
-    """A single file is re-read through a memory map (model_tensors): drop the copy read while checking it."""
-    if not found.sharded:
-        found.data = {k: v for k, v in found.data.items() if k not in ("model", "optimizer", "ema")}
-    return found
+def read_mapped(path: Path) -> ckpt.Checkpoint:
+    """A checkpoint whose tensors stay on disk: a sharded folder's are read on demand, a single file's through
+    a memory map (so checking it does not read the whole file into memory, as resuming does)."""
+    path = path.resolve() if path.is_symlink() else path
+    if path.is_dir():
+        return ckpt.read_checkpoint(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, foreign object: all "unreadable"
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    ckpt._check_structure(data, path)
+    if "model" not in data:
+        raise UserError(f"checkpoint {path} is not a dtrain checkpoint (missing model)")
+    return ckpt.Checkpoint(path, data)
 
 
 def model_specs(checkpoint: ckpt.Checkpoint) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -70,12 +83,8 @@ def model_specs(checkpoint: ckpt.Checkpoint) -> dict[str, tuple[torch.dtype, tup
         metadata = FileSystemReader(str(checkpoint.path)).read_metadata()
         return {key[len("model."):]: (item.properties.dtype, tuple(item.size))
                 for key, item in metadata.state_dict_metadata.items() if key.startswith("model.")}
-    return {name: (t.dtype, tuple(t.shape)) for name, t in _mapped_model(checkpoint.path).items()}
-
-
-def _mapped_model(path: Path) -> dict[str, torch.Tensor]:
-    whole = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {k: v for k, v in whole["model"].items() if isinstance(v, torch.Tensor)}
+    return {name: (t.dtype, tuple(t.shape)) for name, t in checkpoint.data["model"].items()
+            if isinstance(t, torch.Tensor)}
 
 
 def model_tensors(checkpoint: ckpt.Checkpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -91,9 +100,8 @@ def model_tensors(checkpoint: ckpt.Checkpoint, names: list[str]) -> Iterator[tup
                 dcp.load(target, checkpoint_id=checkpoint.path, no_dist=True)
             yield name, target["model"].pop(name)
         return
-    mapped = _mapped_model(checkpoint.path)
     for name in names:
-        tensor = mapped.pop(name)
+        tensor = checkpoint.data["model"][name]
         yield name, tensor
         _release_pages(tensor)
 
