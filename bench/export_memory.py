@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_RESULTS, ROOT, child_env, fresh_dir, machine_info, print_table, write_bert_base_dir, write_json  # noqa: E402,E501
+from common import (DEFAULT_RESULTS, ROOT, child_env, fresh_dir, machine_info, print_table,  # noqa: E402
+                    write_bert_base_dir, write_json)
 
 CASES = ("export-single", "export-sharded", "gather-baseline")
 

@@ -392,7 +392,8 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
     # Each loader draws its workers' base seed from a generator of its own whenever an iterator is
     # made. From the global generator, that draw would shift dropout's random stream, and a run
     # resumed mid-epoch (which makes one iterator more) would no longer match an uninterrupted one.
-    train_loader = DataLoader(seeded, batch_sampler=PlannedBatches(sampler), collate_fn=train_collate, generator=torch.Generator().manual_seed(cfg.seed), **common)
+    train_loader = DataLoader(seeded, batch_sampler=PlannedBatches(sampler), collate_fn=train_collate,
+                              generator=torch.Generator().manual_seed(cfg.seed), **common)
     val_sampler = ShardSampler(len(val_set), env, None if lengths is None else lengths[1])
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler,
                             drop_last=False, collate_fn=collate_fn, generator=torch.Generator().manual_seed(cfg.seed),
