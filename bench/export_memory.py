@@ -6,8 +6,11 @@ as FSDP writes it). Each case then runs in a fresh process, which measures its r
 resets the kernel's peak counter (/proc/self/clear_refs) and reports the peak (VmHWM) over the export alone
 (torch, transformers and datasets imported before):
 
-  export-single    dtrain.export from the single file (memory map, pages handed back once written)
-  export-sharded   dtrain.export from the sharded folder (one tensor at a time through DCP)
+  export-single    dtrain.export from the single file (memory map, pages handed back once written): the
+                   save_pretrained folder (config.json, model.safetensors, tokenizer)
+  export-sharded   dtrain.export from the sharded folder (one tensor at a time through DCP), likewise
+  weights-single   model.safetensors alone (what an image export writes), from the single file
+  weights-sharded  model.safetensors alone, from the sharded folder
   gather-baseline  what export did before: the whole checkpoint loaded, then save_pretrained from the model
 
     python bench/export_memory.py [--reps 2] [--work /tmp/export_memory]
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DEFAULT_RESULTS, ROOT, child_env, fresh_dir, machine_info, print_table,  # noqa: E402
                     write_bert_base_dir, write_json)
 
-CASES = ("export-single", "export-sharded", "gather-baseline")
+CASES = ("export-single", "export-sharded", "weights-single", "weights-sharded", "gather-baseline")
 
 
 def kib(field: str) -> int:
@@ -53,6 +56,9 @@ def measure(case: str, work: Path) -> None:
         whole = torch.load(work / "single.pt", map_location="cpu", weights_only=True)
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(work / "bert-base"))
         model.save_pretrained(out, state_dict=whole["model"])
+    elif case.startswith("weights"):
+        source = export.find_source(work / ("single.pt" if case == "weights-single" else "sharded"))
+        export.write_safetensors(source, out / "model.safetensors")
     else:
         export.export(work / ("single.pt" if case == "export-single" else "sharded"), out)
     peak = kib("VmHWM")
