@@ -5,7 +5,9 @@ and N processes at batch B/N see the same samples in the same steps. Each traini
 drawn under its own seed (epoch, index), so random augmentation does not depend on the rank,
 the number of workers or where a run was resumed; a transform of a whole batch (MixUp/CutMix) is
 drawn under a seed made from its samples' keys. Given the samples' lengths (tokenized text),
-training batches group samples of similar length (LengthGroupedSampler). Evaluation shards the
+training batches group samples of similar length (LengthGroupedSampler). An epoch interrupted under
+one world size, batch or accumulation continues under another with the rest of its order dealt over
+the new ranks (ResumableSampler.start_resized). Evaluation shards the
 validation set without padding, so every sample is counted exactly once.
 """
 
@@ -93,7 +95,7 @@ class ResumableSampler(DistributedSampler):
         self.resized, self.resized_ends, begin = [], [], 0
         for end in ends:
             mine = rest[begin:end][self.rank::self.num_replicas]
-            self.resized += [part for part in split_evenly(mine, self.grad_accum_steps)]
+            self.resized += split_evenly(mine, self.grad_accum_steps)
             self.resized_ends.append(consumed + end)
             begin = end
         return len(rest) - (ends[-1] if ends else 0)
