@@ -203,13 +203,22 @@ def test_length_grouped_run_killed_mid_epoch_on_two_ranks_resumes_exactly(ws: Pa
     assert all(r["samples"] == VAL_ROWS for r in records(out, "eval"))
 
 
-def test_mid_epoch_resume_with_another_global_batch_is_refused_when_grouped(ws: Path, tmp_path: Path):
-    common = (*varied(ws), "epochs=2", "resume=auto", "data.group_by_length=true")
+def test_mid_epoch_resume_with_another_global_batch_trains_the_rest_of_the_grouped_epoch_once(ws: Path,
+                                                                                            tmp_path: Path):
+    """Length groups follow the global batch: batch 3 continues batch 8's epoch order (56 left: 18 steps of 3
+    and one of 2), then groups its own epochs."""
+    from collections import Counter
+
+    from dtrain import ledger
+
+    common = (*varied(ws), "epochs=2", "resume=auto", "data.group_by_length=true", "record_samples=true")
     check_ok(run_train(tiny_args(ws, tmp_path, *common, "batch_size=8", "max_steps=5"), timeout=240))
-    refused = run_train(tiny_args(ws, tmp_path, *common, "batch_size=4"), timeout=240)
-    errors = error_lines(refused.stderr)
-    assert refused.returncode == 1 and len(errors) == 1, refused.stderr
-    assert "stopped mid-epoch" in errors[0] and "global batch of 8" in errors[0]
+    resumed = run_train(tiny_args(ws, tmp_path, *common, "batch_size=3"), timeout=240)
+    check_ok(resumed)
+    assert "remaining samples after 40 are dealt over 1 process(es)" in resumed.stdout
+    rows = ledger.read(tmp_path)[0]
+    assert Counter(rows["index"][rows["epoch"] == 0].tolist()) == Counter(range(96))
+    assert sorted(Counter(rows["step"][rows["epoch"] == 0].tolist()).values()) == [2] + [3] * 18 + [8] * 5
 
 
 def test_grouping_by_length_pads_less_and_evaluates_every_example(ws: Path, tmp_path: Path):

@@ -57,6 +57,11 @@ class TrainState:
     world_size: int = 1  # world size that wrote the checkpoint
     best_metric: str = "accuracy"  # what best_accuracy measures
     tracker_run_id: str = ""  # the experiment trackers' run, continued on resume ('' in older checkpoints)
+    # The layout that began `epoch` (world size, batch_size, grad_accum_steps; 0: unknown, an older
+    # checkpoint): it fixes the epoch's sample order and end, so a resize can deal out the rest.
+    epoch_world_size: int = 0
+    epoch_batch_size: int = 0
+    epoch_grad_accum_steps: int = 0
 
 
 @dataclass

@@ -196,6 +196,8 @@ class Config:
     num_workers: int = opt(2, "DataLoader worker processes per rank")
     threads: int = opt(0, "torch intra-op threads per process (0 = OMP_NUM_THREADS / MKL_NUM_THREADS if set, "
                           "else CPU cores / processes on this node)")
+    record_samples: bool = opt(False, "sample ledger: each rank appends the dataset indices of every step it "
+                                      "trains to <output_dir>/ledger/rank<r>.bin (python -m dtrain.ledger reads it)")
     log_every: int = opt(20, "log train metrics every N optimizer steps")
     hang_report_s: float = opt(120.0, "a rank that made no progress for this long reports which ranks are silent or "
                                       "elsewhere, and every live rank writes its stacks to <output_dir>/hang/ (0 = off)")

@@ -5,7 +5,9 @@ and N processes at batch B/N see the same samples in the same steps. Each traini
 drawn under its own seed (epoch, index), so random augmentation does not depend on the rank,
 the number of workers or where a run was resumed; a transform of a whole batch (MixUp/CutMix) is
 drawn under a seed made from its samples' keys. Given the samples' lengths (tokenized text),
-training batches group samples of similar length (LengthGroupedSampler). Evaluation shards the
+training batches group samples of similar length (LengthGroupedSampler). An epoch interrupted under
+one world size, batch or accumulation continues under another with the rest of its order dealt over
+the new ranks (ResumableSampler.start_resized). Evaluation shards the
 validation set without padding, so every sample is counted exactly once.
 """
 
@@ -16,6 +18,7 @@ import functools
 import math
 import random
 import signal
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -25,36 +28,154 @@ from dtrain.config import Config
 from dtrain.dist import DistEnv
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a run cuts an epoch into optimizer steps: processes, samples per micro-batch and micro-batches per step.
+
+    The layout that began an epoch fixes that epoch's sample order (padding, length groups) and its end."""
+
+    world_size: int
+    batch_size: int
+    grad_accum_steps: int = 1
+
+    @property
+    def step_samples(self) -> int:
+        return self.world_size * self.batch_size * self.grad_accum_steps
+
+
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can begin an epoch part-way through (mid-epoch resume).
+    """DistributedSampler that can begin an epoch part-way through (mid-epoch resume), on any world size.
 
     The permutation depends only on (seed, epoch), as in DistributedSampler; `skip` drops the
     first samples of this rank's share for the current epoch. It yields (epoch, index) keys for
-    EpochSeeded.
+    EpochSeeded. Its batches (`micro_batches`) are whole optimizer steps of `batch_size` x
+    `grad_accum_steps` samples.
+
+    The samples every rank has consumed are a prefix of the epoch's global order (rank r takes
+    positions r, r + W, ...). An epoch interrupted under one layout and continued under another
+    (`start_resized`) deals the rest of that order, up to where the first layout would have ended the
+    epoch, over the new ranks: each remaining sample is trained exactly once.
     """
 
-    def __init__(self, dataset: Dataset, env: DistEnv, seed: int):
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, *, batch_size: int = 1,
+                 grad_accum_steps: int = 1):
         super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
         self.skip = 0
+        self.batch_size, self.grad_accum_steps = batch_size, grad_accum_steps
+        self.resized: list[list[tuple[int, ...]]] | None = None  # this rank's micro-batches of a resized epoch
+        self.resized_ends: list[int] = []  # global samples consumed after each step of the resized rest
+        self._plan: list[list[tuple[int, ...]]] | None = None
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.num_replicas, self.batch_size, self.grad_accum_steps)
 
     def start_epoch(self, epoch: int, skip: int = 0) -> None:
         self.set_epoch(epoch)
-        self.skip = skip
+        self.skip, self.resized, self._plan = skip, None, None
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def start_resized(self, epoch: int, consumed: int, origin: Layout) -> int:
+        """Continue `epoch`, begun under `origin` and `consumed` global samples in, under this sampler's layout.
+
+        The rest of origin's order (up to the end of its last whole step) is cut into global steps of
+        this layout; a final part of fewer than world_size x grad_accum_steps samples joins the step
+        before it (its micro-batches grow by at most one sample), and each step's samples are dealt as
+        DistributedSampler deals them. Returns how many samples could not be given out (fewer than one
+        per micro-batch of every rank, and no step to join).
+        """
+        self.start_epoch(epoch)
+        rest = self.order_keys(range(consumed, self.trained_end(origin)), origin)
+        step = self.layout.step_samples
+        steps = len(rest) // step
+        if len(rest) - steps * step >= self.num_replicas * self.grad_accum_steps:
+            steps += 1
+        ends = [min((s + 1) * step, len(rest)) for s in range(steps)]
+        if ends:
+            ends[-1] = len(rest)
+        self.resized, self.resized_ends, begin = [], [], 0
+        for end in ends:
+            mine = rest[begin:end][self.rank::self.num_replicas]
+            self.resized += split_evenly(mine, self.grad_accum_steps)
+            self.resized_ends.append(consumed + end)
+            begin = end
+        return len(rest) - (ends[-1] if ends else 0)
+
+    def trained_end(self, layout: Layout) -> int:
+        """Global position where an epoch under `layout` ends: after its last whole optimizer step."""
+        per_rank = self.order_length(layout.world_size) // layout.world_size
+        steps = per_rank // layout.batch_size // layout.grad_accum_steps
+        return steps * layout.step_samples
+
+    def order_length(self, world_size: int) -> int:
+        """Length of the epoch's global order under `world_size` (padded as DistributedSampler pads)."""
+        return math.ceil(len(self.dataset) / world_size) * world_size
+
+    def order_keys(self, positions: range, layout: Layout) -> list[tuple[int, ...]]:
+        """The keys at `positions` of this epoch's global order under `layout`."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order = (order * math.ceil(self.order_length(layout.world_size) / len(order)))
+        return [(self.epoch, order[p]) for p in positions]
+
+    def position_after(self, steps: int) -> int:
+        """Global samples of the epoch consumed once `steps` optimizer steps of this pass are done."""
+        if self.resized is not None:
+            return self.resized_ends[steps - 1]
+        return self.skip * self.num_replicas + steps * self.layout.step_samples
+
+    def micro_batches(self) -> list[list[tuple[int, ...]]]:
+        """This rank's micro-batches of the current pass: whole optimizer steps only."""
+        if self._plan is None:
+            if self.resized is not None:
+                self._plan = self.resized
+            else:
+                keys, size = list(self.rank_keys()), self.batch_size
+                batches = [keys[i:i + size] for i in range(0, len(keys) - size + 1, size)]
+                self._plan = batches[:len(batches) // self.grad_accum_steps * self.grad_accum_steps]
+        return self._plan
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        if self.resized is not None:
+            return iter([key for batch in self.resized for key in batch])
+        return self.rank_keys()
+
+    def rank_keys(self) -> Iterator[tuple[int, ...]]:
         indices = list(super().__iter__())[self.skip:]
         return iter([(self.epoch, i) for i in indices])
 
     def __len__(self) -> int:
+        if self.resized is not None:
+            return sum(len(batch) for batch in self.resized)
         return self.num_samples - self.skip
 
-    def resume_problem(self, world_size: int, batch_size: int) -> str | None:
-        """Why a mid-epoch checkpoint of a run with this world size and batch cannot continue here (None: it can).
 
-        The permutation depends only on (seed, epoch), so the consumed samples are the same ones
-        whatever the world size (the loop checks that they divide evenly).
-        """
-        return None
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` in `parts` consecutive pieces whose sizes differ by at most one (the larger first)."""
+    size, extra = divmod(len(items), parts)
+    pieces, begin = [], 0
+    for part in range(parts):
+        end = begin + size + (part < extra)
+        pieces.append(items[begin:end])
+        begin = end
+    return pieces
+
+
+class PlannedBatches(Sampler[list]):
+    """The training loader's batch sampler: the sampler's micro-batches, so that a resized epoch's last
+    step may hold fewer (or a few more) samples than batch_size."""
+
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        return iter(self.sampler.micro_batches())
+
+    def __len__(self) -> int:
+        if self.sampler.resized is not None:
+            return len(self.sampler.resized)
+        batches = len(self.sampler) // self.sampler.batch_size
+        return batches // self.sampler.grad_accum_steps * self.sampler.grad_accum_steps
 
 
 class LengthGroupedSampler(ResumableSampler):
@@ -72,24 +193,32 @@ class LengthGroupedSampler(ResumableSampler):
 
     MEGABATCH = 50  # global batches sorted together (the Hugging Face Trainer groups 50 batches too)
 
-    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, lengths: Sequence[int], batch_size: int):
-        super().__init__(dataset, env, seed)
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, lengths: Sequence[int], batch_size: int,
+                 grad_accum_steps: int = 1):
+        super().__init__(dataset, env, seed, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
         if len(lengths) != len(dataset):
             raise ValueError(f"{len(lengths)} lengths for {len(dataset)} samples")
-        self.lengths, self.batch_size = lengths, batch_size
+        self.lengths = lengths
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def rank_keys(self) -> Iterator[tuple[int, int]]:
         indices = self.global_order()[self.rank:self.total_size:self.num_replicas][self.skip:]
         return iter([(self.epoch, i) for i in indices])
 
-    def global_order(self) -> list[int]:
-        """Every rank's samples of this epoch, interleaved as DistributedSampler interleaves them."""
+    def order_keys(self, positions: range, layout: Layout) -> list[tuple[int, ...]]:
+        order = self.global_order(layout)
+        return [(self.epoch, order[p]) for p in positions]
+
+    def global_order(self, layout: Layout | None = None) -> list[int]:
+        """Every rank's samples of this epoch, interleaved as DistributedSampler interleaves them (under
+        `layout`'s world size and batch; this sampler's own by default)."""
+        layout = layout or self.layout
+        total_size = self.order_length(layout.world_size)
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        order = (order * math.ceil(self.total_size / len(order)))[:self.total_size]  # DistributedSampler's padding
-        step = self.batch_size * self.num_replicas
-        full = self.total_size // step * step
+        order = (order * math.ceil(total_size / len(order)))[:total_size]  # DistributedSampler's padding
+        step = layout.batch_size * layout.world_size
+        full = total_size // step * step
         megabatch = step * max(1, min(self.MEGABATCH, full // step // 4))
         batches = []
         for start in range(0, full, megabatch):
@@ -100,15 +229,6 @@ class LengthGroupedSampler(ResumableSampler):
             longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
             batches[0], batches[longest] = batches[longest], batches[0]
         return [i for batch in batches for i in batch] + order[full:]
-
-    def resume_problem(self, world_size: int, batch_size: int) -> str | None:
-        step, full = batch_size * world_size, math.ceil(len(self.dataset) / world_size) * world_size
-        ours = self.batch_size * self.num_replicas
-        if (step, full // step) == (ours, self.total_size // ours):
-            return None
-        return (f"its run had {world_size} process(es) x batch_size {batch_size}, and batches grouped by length "
-                f"(data.group_by_length) follow the global batch: resume with a global batch of {step}, or "
-                "from an epoch-end checkpoint")
 
 
 class RepeatedAugmentationSampler(ResumableSampler):
@@ -124,13 +244,23 @@ class RepeatedAugmentationSampler(ResumableSampler):
     sampler does: consumed samples are a prefix of the dealt-out sequence, on any world size.
     """
 
-    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, repeats: int):
-        super().__init__(dataset, env, seed)
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int, repeats: int, *, batch_size: int = 1,
+                 grad_accum_steps: int = 1):
+        super().__init__(dataset, env, seed, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
         self.repeats = repeats
         self.num_samples = len(dataset) // env.world_size
         self.total_size = self.num_samples * env.world_size
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+    def order_length(self, world_size: int) -> int:
+        return len(self.dataset) // world_size * world_size
+
+    def order_keys(self, positions: range, layout: Layout) -> list[tuple[int, ...]]:
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        at = torch.tensor(positions, dtype=torch.int64)
+        keys = zip(order[at // self.repeats].tolist(), (at % self.repeats).tolist())
+        return [(self.epoch, index, r) for index, r in keys]
+
+    def rank_keys(self) -> Iterator[tuple[int, int, int]]:
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         # Position p of the repeated sequence is repeat p % k of image order[p // k]; this rank deals p = rank,
         # rank + W, ... (computed, not listed: the repeated sequence of ImageNet has 5 million entries).
@@ -253,18 +383,19 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
         prefetch_factor=4 if workers > 0 else None,
     )
     seeded = EpochSeeded(train_set, cfg.seed, random_samples)
+    steps = dict(batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
     if ra_reps > 1:
-        sampler = RepeatedAugmentationSampler(seeded, env, seed=cfg.seed, repeats=ra_reps)
+        sampler = RepeatedAugmentationSampler(seeded, env, seed=cfg.seed, repeats=ra_reps, **steps)
     elif lengths is not None:
-        sampler = LengthGroupedSampler(seeded, env, cfg.seed, lengths[0], cfg.batch_size)
+        sampler = LengthGroupedSampler(seeded, env, cfg.seed, lengths[0], **steps)
     else:
-        sampler = ResumableSampler(seeded, env, seed=cfg.seed)
+        sampler = ResumableSampler(seeded, env, seed=cfg.seed, **steps)
     train_collate = SeededBatchTransform(collate_fn, batch_transform, cfg.seed) if batch_transform else collate_fn
     # Each loader draws its workers' base seed from a generator of its own whenever an iterator is
     # made. From the global generator, that draw would shift dropout's random stream, and a run
     # resumed mid-epoch (which makes one iterator more) would no longer match an uninterrupted one.
-    train_loader = DataLoader(seeded, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              collate_fn=train_collate, generator=torch.Generator().manual_seed(cfg.seed), **common)
+    train_loader = DataLoader(seeded, batch_sampler=PlannedBatches(sampler), collate_fn=train_collate,
+                              generator=torch.Generator().manual_seed(cfg.seed), **common)
     val_sampler = ShardSampler(len(val_set), env, None if lengths is None else lengths[1])
     val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler,
                             drop_last=False, collate_fn=collate_fn, generator=torch.Generator().manual_seed(cfg.seed),

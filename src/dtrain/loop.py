@@ -16,11 +16,12 @@ from torch import nn
 from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
 from dtrain.config import Config, save_config, to_dict
-from dtrain.data import ResumableSampler, make_loaders, to_device
+from dtrain.data import Layout, ResumableSampler, make_loaders, to_device
 from dtrain.dist import (DistEnv, agree_on_failure, barrier, broadcast_object, gather_floats, gather_objects,
                          max_over_ranks)
 from dtrain.ema import ModelEMA
 from dtrain.errors import StopTraining, UserError
+from dtrain.ledger import SampleLedger, truncate_after
 from dtrain.metrics import RunLogger, Throughput
 from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
 from dtrain.optim import build_optimizer, build_scheduler, keep_implementation, warmup_steps
@@ -57,6 +58,7 @@ class Trainer:
     profiler: Profiler | None = None
     flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
     saves: "BackgroundSaves | None" = None  # async_save: the checkpoint write in flight
+    ledger: SampleLedger | None = None  # record_samples: this rank's sample ledger
 
 
 class NonfiniteWatch:
@@ -101,6 +103,8 @@ def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
             wait_for_background_save(trainer)  # an error too: a write in flight ends before the process does
             trainer.profiler.close()
             trainer.logger.close()
+            if trainer.ledger is not None:
+                trainer.ledger.close()
     finally:
         heartbeat.close()
         stop.restore()
@@ -181,7 +185,18 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
     t.flops_per_sample = count_flops(t)
     if cfg.async_save and not cfg.eval_only:
         t.saves = BackgroundSaves(env, strategy.sharded)
+    if cfg.record_samples and not cfg.eval_only:
+        t.ledger = open_ledger(cfg, env, state.step)
     return t
+
+
+def open_ledger(cfg: Config, env: DistEnv, step: int) -> SampleLedger:
+    """Rank 0 first cuts every rank's records back to the resumed step (later steps were lost and are
+    trained again); then each rank appends to its own file."""
+    if env.is_main:
+        truncate_after(cfg.output_dir, step)
+    barrier(env)
+    return SampleLedger(cfg.output_dir, env.rank)
 
 
 def count_flops(t: Trainer) -> float:
@@ -224,12 +239,16 @@ def fit(t: Trainer) -> dict[str, float]:
             stop_after_save(t)
     if not metrics:  # resumed a finished run: report where it stands
         metrics = evaluate_and_log(t)
-    finish_saves(t)  # the run's last checkpoint is complete before the run reports it is done
-    if t.task.export is not None:
-        whole = t.strategy.full_model_state_dict()  # every rank: a collective under FSDP
+    finish_saves(t)  # the run's last checkpoint is complete before the run reports it is done (and exports it)
+    if t.task.export is not None:  # from the checkpoint just saved: no gather of the model onto one rank
+        failure = None
         if t.env.is_main:
-            t.task.export(t.strategy.raw_model, whole, cfg.output_dir)
-            t.logger.outputs({"exported_model": str((Path(cfg.output_dir) / "model").resolve())})
+            try:
+                t.task.export(cfg.output_dir)
+                t.logger.outputs({"exported_model": str((Path(cfg.output_dir) / "model").resolve())})
+            except UserError as e:
+                failure = e
+        agree_on_failure(failure, t.env)
     barrier(t.env)
     return metrics
 
@@ -242,8 +261,10 @@ def train_one_epoch(t: Trainer) -> None:
     """Train from the current position to the end of the epoch (or max_steps / a mid-epoch save)."""
     cfg, env, state = t.cfg, t.env, t.state
     samples_per_step = cfg.batch_size * cfg.grad_accum_steps * env.world_size
-    skip = state.samples_in_epoch // env.world_size
-    t.sampler.start_epoch(state.epoch, skip=skip)
+    start_epoch_data(t)
+    plan = t.sampler.micro_batches() if t.ledger is not None else []
+    step_keys: list[tuple[int, ...]] = []
+    steps_in_pass = 0
     t.model.train()
     t.logger.start_epoch(state.epoch, t.steps_per_epoch, state.samples_in_epoch // samples_per_step)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # (sum of step losses, steps)
@@ -265,6 +286,8 @@ def train_one_epoch(t: Trainer) -> None:
                 loss = t.task.train_loss(t.model, batch)
             t.scaler.scale(loss / cfg.grad_accum_steps).backward()
         loss_sum[0] += loss.detach().double() / cfg.grad_accum_steps
+        if t.ledger is not None:
+            step_keys += plan[micro - 1]
         if not last_micro:
             t.clock.micro_step_done()
             t.heartbeat.enter("data")
@@ -275,7 +298,11 @@ def train_one_epoch(t: Trainer) -> None:
         state.step += 1
         if t.ema is not None:
             t.ema.after_step(state.step)
-        state.samples_in_epoch += samples_per_step
+        steps_in_pass += 1
+        state.samples_in_epoch = t.sampler.position_after(steps_in_pass)
+        if t.ledger is not None:
+            t.ledger.record(state.epoch, state.step, step_keys)
+            step_keys = []
         speed.samples += samples_per_step
         t.clock.step_done()
         t.profiler.after_step(state.step)
@@ -299,6 +326,24 @@ def train_one_epoch(t: Trainer) -> None:
         state.samples_in_epoch = 0
     t.nonfinite.raise_if_seen(last_trained_epoch(state))  # before evaluating what a bad step reached
     t.logger.end_epoch()
+
+
+def start_epoch_data(t: Trainer) -> None:
+    """Point the sampler at the training position. An epoch begun under another layout (world size, batch,
+    accumulation) continues with the rest of that layout's order dealt over this run's ranks."""
+    state, here = t.state, t.sampler.layout
+    if state.samples_in_epoch == 0:
+        state.epoch_world_size, state.epoch_batch_size, state.epoch_grad_accum_steps = (
+            here.world_size, here.batch_size, here.grad_accum_steps)
+    origin = Layout(state.epoch_world_size, state.epoch_batch_size, state.epoch_grad_accum_steps)
+    if origin == here:
+        t.sampler.start_epoch(state.epoch, skip=state.samples_in_epoch // here.world_size)
+        return
+    left_out = t.sampler.start_resized(state.epoch, state.samples_in_epoch, origin)
+    t.logger.print(f"epoch {state.epoch} began with {origin.world_size} process(es) x batch_size "
+                   f"{origin.batch_size} x grad_accum_steps {origin.grad_accum_steps}: its remaining samples after "
+                   f"{state.samples_in_epoch} are dealt over {here.world_size} process(es)"
+                   + (f"; {left_out} sample(s) too few for a step are left out" if left_out else ""))
 
 
 def stop_after_save(t: Trainer) -> None:
@@ -598,12 +643,9 @@ def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer
     state = TrainState(**data["state"])
     if state.world_size == env.world_size and data.get("rng"):
         ckpt.set_rng_state(data["rng"][env.rank])
-    elif state.samples_in_epoch % env.world_size:
-        raise UserError(f"checkpoint {path} stopped mid-epoch after {state.samples_in_epoch} samples, which "
-                        f"{env.world_size} processes cannot split evenly; resume with {state.world_size} processes")
-    problem = sampler.resume_problem(state.world_size, data["config"]["batch_size"])
-    if state.samples_in_epoch and problem:
-        raise UserError(f"checkpoint {path} stopped mid-epoch: {problem}")
+    if not state.epoch_world_size:  # an older checkpoint: its epoch began under the layout that saved it
+        state.epoch_world_size, state.epoch_batch_size = state.world_size, data["config"]["batch_size"]
+        state.epoch_grad_accum_steps = data["config"].get("grad_accum_steps", 1)
     if env.is_main:
         print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
     return state

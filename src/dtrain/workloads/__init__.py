@@ -33,8 +33,7 @@ class Task:
     random_samples: bool = True
     # what a checkpoint must agree with to be loaded into this model (e.g. arch, num_classes)
     identity: dict[str, Any] = field(default_factory=dict)
-    # called once at the end (rank 0) with the model, its whole state dict and output_dir (e.g. save_pretrained)
-    export: Callable[[nn.Module, dict[str, torch.Tensor], str], None] | None = None
+    export: Callable[[str], None] | None = None  # rank 0, at the end: export the output_dir's last checkpoint
     # model -> its repeated blocks (ResNet blocks, BERT layers): the units FSDP shards and gathers one at a
     # time and activation checkpointing recomputes; [] = the model as one unit
     units: Callable[[nn.Module], list[nn.Module]] = lambda model: []

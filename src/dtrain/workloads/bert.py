@@ -78,10 +78,10 @@ def build(cfg: Config, env: DistEnv) -> Task:
         logits = forward(model, batch)
         return (multi_label_sums if multi else single_label_sums)(logits, batch["labels"], num_labels)
 
-    def export(raw_model: nn.Module, whole: dict[str, torch.Tensor], output_dir: str) -> None:
-        out = Path(output_dir) / "model"
-        raw_model.save_pretrained(out, state_dict=whole)  # whole: the model may be sharded (FSDP)
-        tokenizer.save_pretrained(out)
+    def export(output_dir: str) -> None:
+        from dtrain.export import export as export_checkpoint
+
+        out = export_checkpoint(Path(output_dir), Path(output_dir) / "model")  # its last checkpoint, tensor by tensor
         print(f"saved model and tokenizer to {out} (AutoModelForSequenceClassification.from_pretrained "
               "loads it)", flush=True)
 
@@ -180,18 +180,23 @@ def load_tokenizer(name_or_path: str, hf_config):
     return tokenizer
 
 
+def configure_head(hf_config, label_names: list[str], problem_type: str, dropout: float) -> None:
+    """The classification head's settings in the model configuration (also what an export's config.json says)."""
+    hf_config.num_labels = len(label_names)
+    hf_config.id2label = dict(enumerate(label_names))
+    hf_config.label2id = {name: i for i, name in enumerate(label_names)}
+    hf_config.problem_type = ("multi_label_classification" if problem_type == "multi_label"
+                              else "single_label_classification")
+    if dropout >= 0:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            if hasattr(hf_config, key):
+                setattr(hf_config, key, dropout)
+
+
 def build_model(model_cfg: BertModelConfig, hf_config, labels: "LabelSpace", env: DistEnv) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    hf_config.num_labels = len(labels.names)
-    hf_config.id2label = dict(enumerate(labels.names))
-    hf_config.label2id = {name: i for i, name in enumerate(labels.names)}
-    hf_config.problem_type = ("multi_label_classification" if model_cfg.problem_type == "multi_label"
-                              else "single_label_classification")
-    if model_cfg.dropout >= 0:
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
-            if hasattr(hf_config, key):
-                setattr(hf_config, key, model_cfg.dropout)
+    configure_head(hf_config, labels.names, model_cfg.problem_type, model_cfg.dropout)
     path = model_cfg.name_or_path
     try:
         if model_cfg.random_init:
