@@ -3,7 +3,6 @@ in-place MixUp/CutMix, and the prepared copy (python -m dtrain.prepare_images)."
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys

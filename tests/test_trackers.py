@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from dtrain.trackers import flatten, scalars
-from helpers import (ROOT, SYNTH, TRAIN, finish, free_port, kill_session, logged_steps, read_metrics, run_bounded,
+from helpers import (SYNTH, TRAIN, finish, free_port, kill_session, logged_steps, read_metrics, run_bounded,
                      run_torchrun, run_train, start, start_command, subprocess_env, wait_until)
 
 

@@ -169,7 +169,7 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, sampler, ema) or state
+    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, ema) or state
     if state.best_metric != cfg.best_metric:  # resumed with another best_metric: best.pt is chosen afresh
         state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
     logger = RunLogger(cfg.output_dir, env, cfg.progress, start_trackers(cfg, env, state))
@@ -603,7 +603,7 @@ def wait_for_background_save(t: Trainer) -> None:
 
 
 def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler, scaler,
-            sampler: ResumableSampler, ema: ModelEMA | None) -> TrainState | None:
+            ema: ModelEMA | None) -> TrainState | None:
     """Load the checkpoint named by cfg.resume (either kind, from any mode) into the wrapped model."""
     checkpoint = find_checkpoint(cfg, env)
     if checkpoint is None:

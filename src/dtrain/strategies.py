@@ -13,7 +13,6 @@ The loop, the workloads and the benchmarks use this interface and never ask whic
   clip_grad_norm(max_norm)   the global gradient norm as a plain tensor (clipped when max_norm > 0)
   state_dicts(optimizer)     model and optimizer state keyed by parameter names: the checkpoint format
   load_state_dicts(...)      the reverse; load_target() gives the tensors a sharded checkpoint is read into
-  full_model_state_dict()    the whole model on rank 0 (export)
   local_bytes(optimizer)     this rank's parameter, gradient and optimizer-state bytes
 
 Checkpoints are one format for all modes (torch.distributed.checkpoint's state-dict API keys the
@@ -31,7 +30,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
@@ -39,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from dtrain import syncbn
 from dtrain.config import Config
 from dtrain.dist import DistEnv
-from dtrain.errors import ConfigError, UserError
+from dtrain.errors import ConfigError
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,10 +120,6 @@ class Strategy:
         """Load state dicts in the checkpoint format: whole tensors (a single file) or this rank's part."""
         set_state_dict(self.raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=whole))
-
-    def full_model_state_dict(self) -> dict[str, Any]:
-        """The whole model on rank 0 (a collective under FSDP)."""
-        return get_model_state_dict(self.raw_model, options=FULL_ON_RANK0)
 
     def local_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """Gradients: what a step's backward writes (one per trainable parameter, this rank's part); between
