@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dtrain.config import OptimConfig
 from dtrain.errors import UserError
@@ -75,6 +76,45 @@ def fused_step_works(name: str, device: torch.device, dtype: torch.dtype, mesh=N
     except (RuntimeError, NotImplementedError):
         return False
     return True
+
+
+def grad_norm_and_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global 2-norm of `grads` as a plain fp32 tensor; with max_norm > 0 the gradients are scaled
+    so that it is at most max_norm (as torch's clip_grad_norm_ does, without a host sync).
+
+    The norm is also the loop's non-finite check (one inf or nan gradient makes it inf or nan), so it
+    must cost little: one multi-tensor norm per device and dtype (torch._foreach_norm, accumulating in
+    fp32 whatever the gradients' dtype) and one norm of those. torch's get_total_norm adds a `.to` per
+    gradient before its `stack`, and on the CPU a per-tensor Python loop: about 100 extra small ops
+    per step for bert-base. Sharded gradients (DTensors under FSDP) are left to torch, which reduces
+    their norms over the mesh.
+    """
+    if any(isinstance(g, DTensor) for g in grads):
+        norm = nn.utils.get_total_norm(grads)
+        if max_norm > 0:
+            nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    groups = by_device_and_dtype(grads)
+    if not groups:
+        return torch.zeros(())
+    first_device = grads[0].device
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)))
+             for group in groups.values()]
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]))
+    if max_norm > 0:
+        # Multiplying by a factor clamped to 1 instead of asking `if norm > max_norm` keeps the host
+        # from waiting for the device.
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for (device, _), group in groups.items():
+            torch._foreach_mul_(group, factor.to(device))
+    return norm
+
+
+def by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return groups
 
 
 def keep_implementation(optimizer: torch.optim.Optimizer, state: dict) -> dict:

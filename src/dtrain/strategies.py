@@ -40,6 +40,7 @@ from dtrain import syncbn
 from dtrain.config import Config
 from dtrain.dist import DistEnv
 from dtrain.errors import ConfigError, UserError
+from dtrain.optim import grad_norm_and_clip
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,12 +102,7 @@ class Strategy:
         return True  # nothing to zero: the next backward writes fresh gradients
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = nn.utils.clip_grad_norm_(params, max_norm)
-        else:  # only the norm: clip_grad_norm_ would also rescale every gradient by 1.0
-            norm = nn.utils.get_total_norm([p.grad for p in params])
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return grad_norm_and_clip([p.grad for p in self.raw_model.parameters() if p.grad is not None], max_norm)
 
     def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         """Model and optimizer state, whole, on rank 0 (what it writes into one file); {} elsewhere."""
