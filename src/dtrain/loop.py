@@ -68,30 +68,32 @@ class NonfiniteWatch:
     error naming the bad step and saves nothing.
     """
 
-    most_kept = 256  # norms kept before they are folded into one tensor (still without a host sync)
+    most_kept = 256  # norms kept one by one before they are stacked into one tensor (still without a host sync)
 
     def __init__(self, device: torch.device):
         self.deferred = device.type == "cuda"
-        self.steps: list[int] = []
-        self.norms: list[torch.Tensor] = []
+        self.steps: list[int] = []  # the step of each norm kept, in order
+        self.norms: list[torch.Tensor] = []  # the newest norms (0-d, all on one device: where the gradients are)
+        self.folded: torch.Tensor | None = None  # the older ones, 1-d
 
     def record(self, grad_norm: torch.Tensor, step: int) -> None:
         self.steps.append(step)
         self.norms.append(grad_norm)
         if len(self.norms) >= self.most_kept:  # a long interval between reads (log_every, epochs)
-            self.norms = [self.joined()]
+            self.folded, self.norms = self.joined(), []
 
     def joined(self) -> torch.Tensor:
-        """The kept norms as one 1-d tensor, in step order (the norm is on the CPU under fsdp.cpu_offload)."""
-        if len(self.norms) == 1:
-            return self.norms[0].reshape(-1)
-        return torch.cat([n.reshape(-1).to(self.norms[0].device) for n in self.norms])
+        """Every norm kept, as one 1-d tensor in step order."""
+        newest = torch.stack(self.norms) if self.norms else None
+        if self.folded is None or newest is None:
+            return self.folded if newest is None else newest
+        return torch.cat([self.folded, newest])
 
     def raise_if_seen(self, epoch: int) -> None:
-        if not self.norms:
+        if not self.steps:
             return
         finite, steps = torch.isfinite(self.joined()), self.steps
-        self.steps, self.norms = [], []
+        self.steps, self.norms, self.folded = [], [], None
         if bool(finite.all()):
             return
         step = steps[int(finite.logical_not().nonzero()[0])]
