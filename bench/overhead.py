@@ -1,6 +1,8 @@
 """Loop overhead: the project's train.py against a minimal hand-written PyTorch loop, same everything else.
 
-    python bench/overhead.py                 # CPU: ResNet-18 synthetic + all-MiniLM-L6-v2 (~6 min on 2 cores)
+    python bench/overhead.py                 # CPU: ResNet-18 synthetic + all-MiniLM-L6-v2, 1 thread and all cores
+                                             # (~11 min on 2 cores)
+    python bench/overhead.py --threads 1     # one thread per process only (~5.5 min)
     python bench/overhead.py --quick         # smoke run (~1.5 min)
     python bench/overhead.py --device cuda   # GPU: ResNet-50 AMP + channels_last, bert-base bf16
 
@@ -32,9 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--workloads", default="image,bert", help="comma-separated: image, bert")
     p.add_argument("--reps", type=int, default=0, help="repetitions per side (default 3; --quick 1)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="threads per process (default: 1 on CPU, where other users' jobs share the cores; all "
-                        "usable cores on GPU machines)")
+    p.add_argument("--threads", default="",
+                   help="comma-separated threads per process, a number or 'all' (the usable cores); each is a row. "
+                        "Default: '1,all' on CPU (1: other users' jobs share the cores; all: a team of threads "
+                        "shows what competes with it in the process), 'all' on GPU machines")
+    p.add_argument("--image-size", type=int, default=0, help="image workload: image size (default 64 on CPU)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="",
                    help="override the mode's precision (CPU fp32, GPU bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile on both sides")
@@ -49,28 +53,28 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def threads_for(args) -> int:
-    # On a shared CPU a 2-thread OpenMP team stalls whenever another job takes one of its cores
-    # (seen here: 110 -> 17 img/s); one thread per process degrades gracefully instead.
-    return args.threads or (usable_cores() if args.device == "cuda" else 1)
+def thread_counts(args) -> list[int]:
+    words = [w.strip() for w in (args.threads or ("all" if args.device == "cuda" else "1,all")).split(",") if w.strip()]
+    counts = [usable_cores() if w == "all" else int(w) for w in words]
+    return list(dict.fromkeys(counts))  # '1,all' on a one-core machine: one row
 
 
-def image_case(args) -> ImageCase:
-    threads = threads_for(args)
+def image_case(args, threads: int) -> ImageCase:
     if args.device == "cuda":  # the published comparison: ResNet-50, AMP, channels_last, 224 px
         case = ImageCase(arch="resnet50", image_size=224, batch=256, steps=120, log_every=20, warmup_windows=2,
                          threads=threads, workers=min(8, threads), precision=args.precision or "bf16",
                          channels_last=True, device="cuda", num_classes=1000)
     else:
         case = ImageCase(threads=threads, precision=args.precision or "fp32")
+    if args.image_size:
+        case = replace(case, image_size=args.image_size)
     if args.quick:
         case = replace(case, image_size=min(case.image_size, 32), steps=6, log_every=2, warmup_windows=1,
                        batch=min(case.batch, 16))
     return replace(case, compile=args.compile)
 
 
-def bert_case(args) -> BertCase:
-    threads = threads_for(args)
+def bert_case(args, threads: int) -> BertCase:
     if args.device == "cuda":
         case = BertCase(model_dir=args.bert_dir, random_init=not args.bert_dir, max_length=128, batch=32, steps=120,
                         log_every=20, warmup_windows=2, threads=threads, workers=2,
@@ -126,12 +130,14 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     rows = []
     for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
-        case = image_case(args) if name == "image" else bert_case(args).with_data(work)
-        unit = "img/s" if name == "image" else "seq/s"
-        print(f"\n{name}: {case.label()}, {case.threads} thread(s), {reps} repetition(s)", flush=True)
-        result = compare(name, case, measure(case, project_vs_handwritten(case), reps, work / name, args.device))
-        result["unit"] = unit
-        rows.append(result)
+        for threads in thread_counts(args):
+            case = image_case(args, threads) if name == "image" else bert_case(args, threads).with_data(work)
+            unit = "img/s" if name == "image" else "seq/s"
+            print(f"\n{name}: {case.label()}, {case.threads} thread(s), {reps} repetition(s)", flush=True)
+            runs = measure(case, project_vs_handwritten(case), reps, work / f"{name}-{threads}t", args.device)
+            result = compare(name, case, runs)
+            result["unit"] = unit
+            rows.append(result)
     table = print_table(
         f"Loop overhead ({args.device}; median (min-max) of {reps} interleaved repetition(s), steady-state samples/s)",
         ["workload", "settings", "threads", "project", "hand-written", "project / hand-written",

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from helpers import PATCHED_TRAIN, SYNTH, assert_one_clear_error, logged_steps, read_checkpoint, run_train
+from helpers import (PATCHED_TRAIN, SYNTH, TESTS, assert_one_clear_error, logged_steps, read_checkpoint, run_torchrun,
+                     run_train)
 
 
 def gradients(dtype: torch.dtype = torch.float32, count: int = 40) -> list[torch.Tensor]:
@@ -103,3 +104,12 @@ def test_a_nonfinite_gradient_stops_the_run_at_the_step_it_happened(tmp_path, de
     assert steps_run == list(range(1, (4 if deferred else 3) + 1))  # deferred: step 4's save reads it
     assert logged_steps(out) == 0
     assert read_checkpoint(out)["state"]["step"] == 2  # nothing a bad step reached was saved
+
+
+def test_the_norm_of_fsdp_shards_and_their_clipping_equal_torchs():
+    # One all-reduce of the local sum of squares instead of torch's DTensor ops (one `.to` each through
+    # DTensor's Python dispatch); 2 ranks, with a layer whose rows do not divide evenly.
+    proc = run_torchrun([], nproc=2, script=str(TESTS / "fsdp_grad_norm.py"), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: same norm" in proc.stdout, proc.stdout + proc.stderr

@@ -85,15 +85,21 @@ def grad_norm_and_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tens
     The norm is also the loop's non-finite check (one inf or nan gradient makes it inf or nan), so it
     must cost little: one multi-tensor norm per device and dtype (torch._foreach_norm, accumulating in
     fp32 whatever the gradients' dtype) and one norm of those. torch's get_total_norm adds a `.to` per
-    gradient before its `stack`, and on the CPU a per-tensor Python loop: about 100 extra small ops
-    per step for bert-base. Sharded gradients (DTensors under FSDP) are left to torch, which reduces
-    their norms over the mesh.
+    gradient before its `stack` (about 100 extra small ops per step for bert-base), and on DTensors
+    each of those goes through DTensor's Python dispatch.
     """
-    if any(isinstance(g, DTensor) for g in grads):
-        norm = nn.utils.get_total_norm(grads)
-        if max_norm > 0:
-            nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not any(isinstance(g, DTensor) for g in grads):
+        return local_norm_and_clip(grads, max_norm)
+    if all_sharded_on_their_mesh(grads):
+        return sharded_norm_and_clip(grads, max_norm)
+    norm = nn.utils.get_total_norm(grads)  # other layouts (replicated, CPU-offloaded shards): torch's way
+    if max_norm > 0:
+        nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def local_norm_and_clip(grads: list[torch.Tensor], max_norm: float, squares_reduced=None) -> torch.Tensor:
+    """`grad_norm_and_clip` of plain tensors; `squares_reduced(sum of squares)` makes the sum global first."""
     groups = by_device_and_dtype(grads)
     if not groups:
         return torch.zeros(())
@@ -101,6 +107,8 @@ def grad_norm_and_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tens
     norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)))
              for group in groups.values()]
     norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]))
+    if squares_reduced is not None:
+        norm = squares_reduced(norm.square()).sqrt()
     if max_norm > 0:
         # Multiplying by a factor clamped to 1 instead of asking `if norm > max_norm` keeps the host
         # from waiting for the device.
@@ -108,6 +116,31 @@ def grad_norm_and_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tens
         for (device, _), group in groups.items():
             torch._foreach_mul_(group, factor.to(device))
     return norm
+
+
+def all_sharded_on_their_mesh(grads: list[torch.Tensor]) -> bool:
+    """FSDP2's gradients: DTensors on one 1-d mesh, sharded (each element on exactly one rank), whose shards
+    live on the mesh's device type (not CPU-offloaded)."""
+    from torch.distributed.tensor import Shard
+
+    meshes = {g.device_mesh for g in grads if isinstance(g, DTensor)}  # equal meshes, not one object
+    return len(meshes) == 1 and all(
+        isinstance(g, DTensor) and g.device_mesh.ndim == 1 and isinstance(g.placements[0], Shard)
+        and g.to_local().device.type == g.device_mesh.device_type for g in grads)
+
+
+def sharded_norm_and_clip(grads: list[DTensor], max_norm: float) -> torch.Tensor:
+    """The norm from every rank's own shards: a local norm and one all-reduce of its square (a sum over
+    disjoint parts is the square of the whole's norm); clipping scales the shards in place."""
+    import torch.distributed as dist
+
+    group = grads[0].device_mesh.get_group()
+
+    def summed_over_ranks(squares: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(squares, group=group)
+        return squares
+
+    return local_norm_and_clip([g.to_local() for g in grads], max_norm, summed_over_ranks)
 
 
 def by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
