@@ -21,8 +21,8 @@ from pathlib import Path
 
 from cases import HANDWRITTEN, BertCase, ImageCase
 from common import (BENCH, DEFAULT_RESULTS, PUBLISHED, child_env, drop_checkpoints, fmt_summary, fresh_dir,
-                    interleaved, machine_info, print_table, python_cmd, read_records, run_job, steady_cpu_rate,
-                    steady_rate, summary, write_json)
+                    interleaved, machine_info, print_table, python_cmd, read_records, run_job, steady_counters,
+                    steady_cpu_rate, steady_rate, summary, write_json)
 
 TARGET = 0.97
 RUN_PROJECT = BENCH / "run_project.py"  # train.py, plus CPU seconds in each metrics record
@@ -98,7 +98,8 @@ def measure(case, sides: dict, reps: int, work: Path, device: str) -> dict[str, 
             drop_checkpoints(run_dir)
             records = read_records(run_dir / "metrics.jsonl")
             return {"rate": steady_rate(records, case.warmup_windows),
-                    "cpu_rate": steady_cpu_rate(records, case.warmup_windows, case.log_every * case.batch)}
+                    "cpu_rate": steady_cpu_rate(records, case.warmup_windows, case.log_every * case.batch),
+                    "process": steady_counters(records, case.warmup_windows)}
         return one
 
     return interleaved({name: run(command_for) for name, command_for in sides.items()}, reps, work)
@@ -123,6 +124,20 @@ def compare(name: str, case, runs: dict[str, list[dict]], baseline: str = "handw
     return out
 
 
+def process_cell(result: dict) -> str:
+    """Median OS threads and voluntary/involuntary context switches per step of each side's process."""
+    import statistics
+
+    parts = []
+    for side in ("project", "handwritten"):
+        counts = [run["process"] for run in result["runs"][side] if run.get("process")]
+        if not counts:
+            return "-"
+        med = {k: statistics.median(c[k] for c in counts) for k in counts[0]}
+        parts.append(f"{med['os_threads']:.0f}, {med['voluntary_per_step']:.1f}/{med['involuntary_per_step']:.1f}")
+    return "; ".join(parts)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
@@ -141,14 +156,14 @@ def main(argv=None) -> int:
     table = print_table(
         f"Loop overhead ({args.device}; median (min-max) of {reps} interleaved repetition(s), steady-state samples/s)",
         ["workload", "settings", "threads", "project", "hand-written", "project / hand-written",
-         "per repetition", "same, per CPU-second"],
+         "per repetition", "same, per CPU-second", "OS threads, switches/step (project; hand-written)"],
         [[r["workload"], r["settings"], r["case"]["threads"], f"{fmt_summary(r['rate']['project'])} {r['unit']}",
           f"{fmt_summary(r['rate']['handwritten'])} {r['unit']}",
           f"{r['rate']['ratio_of_medians']:.3f} (target >= {TARGET})", fmt_summary(r["rate"]["paired_ratio"], 3),
-          f"{r['cpu_rate']['ratio_of_medians']:.3f}" if "cpu_rate" in r else "-"] for r in rows],
+          f"{r['cpu_rate']['ratio_of_medians']:.3f}" if "cpu_rate" in r else "-", process_cell(r)] for r in rows],
         note="(project / hand-written: ratio of the medians; per repetition: median (min-max) of the paired ratios; "
              "per CPU-second: the same ratio for samples per CPU-second of each process, which other users' load "
-             "hardly moves)")
+             "hardly moves; switches: voluntary/involuntary context switches of the whole process per step)")
     if args.device == "cuda":
         table += "\n" + published_table(rows)
     payload = {"benchmark": "overhead", "device": args.device, "quick": args.quick, "reps": reps,
