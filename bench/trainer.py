@@ -31,8 +31,8 @@ from pathlib import Path
 
 from cases import HF_TRAINER
 from common import (DEFAULT_RESULTS, ROOT, child_env, drop_checkpoints, fmt_summary, fresh_dir, interleaved,
-                    machine_info, print_table, python_cmd, read_records, run_job, steady_counters, steady_cpu_rate, steady_rate,
-                    summary, write_json)
+                    machine_info, print_table, python_cmd, read_records, run_job, steady_counters, steady_cpu_rate,
+                    steady_rate, summary, write_json)
 from overhead import RUN_PROJECT, usable_cores
 
 CONFIG = ROOT / "configs" / "bert" / "minilm_rotten_tomatoes.yaml"
