@@ -35,6 +35,8 @@ VARIANTS = [  # (name, launcher processes (0: python train.py), overrides)
     ("fp32, channels_last", 0, ["precision=fp32", "channels_last=true"]),
     ("bf16, channels_last", 0, ["precision=bf16", "channels_last=true"]),
     ("bf16, contiguous", 0, ["precision=bf16", "channels_last=false"]),
+    ("bf16, channels_last, deterministic (no cuDNN autotuning)", 0,
+     ["precision=bf16", "channels_last=true", "deterministic=true"]),
     ("DDP 1 rank, bf16, channels_last", 1, ["mode=ddp", "precision=bf16", "channels_last=true"]),
     ("FSDP 1 rank, bf16 autocast, channels_last", 1, ["mode=fsdp", "precision=bf16", "channels_last=true"]),
     ("FSDP 1 rank, param_dtype=bf16, channels_last", 1,

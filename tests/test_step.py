@@ -113,3 +113,17 @@ def test_the_norm_of_fsdp_shards_and_their_clipping_equal_torchs():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
         assert f"rank {rank}: same norm" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cudnn_times_its_algorithms_unless_the_run_is_deterministic():
+    from dtrain.loop import seed_everything
+
+    before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(0, deterministic=False)
+        assert torch.backends.cudnn.benchmark
+        seed_everything(0, deterministic=True)
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])

@@ -214,7 +214,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    # cuDNN times its algorithms for each new input shape and keeps the fastest: training shapes repeat,
+    # and its untimed default for bf16 channels_last convolutions can be far slower (as torchvision's
+    # reference, which does the same). The choice can differ between runs, so deterministic runs go without.
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 # ---------------------------------------------------------------------------------------------
