@@ -8,6 +8,9 @@ Each workload runs train.py (a fresh process, 1 thread) with profile.start_step 
 trace holds whole steps of the real loop; from the trace this counts, per step, the ops called from
 Python (top-level: what the host dispatches one by one; on a GPU each is at least one launch or a
 dispatcher round trip) and all ops (nested ones included), and lists the top-level ops by name.
+With --norm-timing it also times the gradient norm alone in this process, torch's get_total_norm against
+the project's (dtrain.optim.grad_norm_and_clip), on gradients shaped like each model's parameters: CPU
+milliseconds per call, 1 thread, interleaved repetitions.
 Writes bench/results/<date>-step_ops-cpu.json (+ .md).
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkout", type=Path, default=ROOT, help="a checkout whose train.py and src/ run")
     p.add_argument("--workloads", default="image,bert")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra train.py override")
+    p.add_argument("--norm-timing", action="store_true", help="also time the gradient norm alone (this checkout)")
     p.add_argument("--label", default="", help="names this run in the result file (e.g. before / after)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     return p.parse_args(argv)
@@ -79,6 +82,38 @@ def count_ops(trace: dict, steps: int) -> dict:
             "by_name": {k: v / steps for k, v in by_name.most_common()}}
 
 
+def norm_timing(reps: int = 7, calls: int = 50) -> dict[str, dict]:
+    """CPU ms per call of torch's get_total_norm and of grad_norm_and_clip(max_norm=0), medians of
+    interleaved repetitions, on random gradients shaped like ResNet-18's and MiniLM's parameters."""
+    import statistics
+
+    import torch
+    import torchvision
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from common import minilm_dir
+    from dtrain.optim import grad_norm_and_clip
+
+    torch.set_num_threads(1)
+    bert = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(minilm_dir(), num_labels=2))
+    models = {"image": torchvision.models.resnet18(num_classes=10), "bert": bert}
+    out = {}
+    for name, model in models.items():
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        sides = {"torch get_total_norm": lambda: torch.nn.utils.get_total_norm(grads),
+                 "grad_norm_and_clip": lambda: grad_norm_and_clip(grads, 0.0)}
+        times = {side: [] for side in sides}
+        for rep in range(reps):
+            for side, fn in (list(sides.items()) if rep % 2 == 0 else list(sides.items())[::-1]):
+                began = time.process_time()
+                for _ in range(calls):
+                    fn()
+                times[side].append((time.process_time() - began) / calls * 1e3)
+        out[name] = {"gradients": len(grads), **{side: statistics.median(t) for side, t in times.items()},
+                     "all": times}
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -96,7 +131,13 @@ def main(argv=None) -> int:
         ["workload", "settings", "top-level ops", "all ops", "most frequent top-level ops"], rows,
         note="(top-level: called from Python, each a dispatcher round trip, on a GPU a launch or more; all: nested "
              "ops included)")
-    payload = {"benchmark": "step_ops", "device": "cpu", "label": args.label, "checkout": str(args.checkout),
+    timing = norm_timing() if args.norm_timing else None
+    if timing:
+        table += print_table("The gradient norm alone (CPU ms per call, 1 thread, median of 7 interleaved repetitions "
+                             "of 50 calls)", ["workload", "gradients", "torch get_total_norm", "grad_norm_and_clip"],
+                             [[name, t["gradients"], f"{t['torch get_total_norm']:.3f}",
+                               f"{t['grad_norm_and_clip']:.3f}"] for name, t in timing.items()])
+    payload = {"benchmark": "step_ops", "norm_timing": timing, "device": "cpu", "label": args.label, "checkout": str(args.checkout),
                "overrides": args.set, "machine": machine_info(), "results": results, "table": table,
                "seconds": time.perf_counter() - began}
     label = f"-{args.label}" if args.label else ""
