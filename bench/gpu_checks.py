@@ -30,6 +30,7 @@ from common import (BENCH, DEFAULT_RESULTS, TRAIN, child_env, fresh_dir, machine
                     torchrun_cmd, write_json)
 from step_ops import count_ops
 
+SMOKE_LABEL = "CPU smoke: resnet18 32px batch 8, channels_last not applied"
 PROFILE = (11, 5)  # steps 11-15: after cuDNN's algorithm search and the allocator's warm-up
 VARIANTS = [  # (name, launcher processes (0: python train.py), overrides)
     ("fp32, channels_last", 0, ["precision=fp32", "channels_last=true"]),
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - began:4.0f} s] {name}", flush=True)
         rows.append(run_variant(name, nproc, overrides, work / f"v{i}", args.smoke))
     table = print_table(
-        f"One step, profiled ({'CPU smoke: resnet18 32px batch 8' if args.smoke else 'ResNet-50 224px, batch 64, SGD'};"
+        f"One step, profiled ({SMOKE_LABEL if args.smoke else 'ResNet-50 224px, batch 64, SGD'};"
         f" steps {PROFILE[0]}-{sum(PROFILE) - 1} of train.py, torch.profiler)",
         ["run", "ms/step", "GPU busy ms/step", "host ops/step (top-level)", "top kernels (ms/step)"],
         [[r["variant"], f"{r['ms_per_step']:.1f}", f"{r['gpu_busy_ms_per_step']:.1f}", f"{r['top_level']:.0f}",
