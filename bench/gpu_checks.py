@@ -113,8 +113,9 @@ def top_kernels(trace: dict, count: int = 10) -> dict[str, float]:
 def overhead_ratio(args, work: Path) -> dict | None:
     if args.skip_overhead:
         return None
+    mode = ["--quick", "--threads", "1"] if args.smoke else ["--device", "cuda"]  # GPU: all cores per process
     cmd = [sys.executable, str(BENCH / "overhead.py"), "--workloads", "bert", "--reps", "1" if args.smoke else "3",
-           f"--results={work / 'overhead-results'}"] + (["--quick"] if args.smoke else ["--device", "cuda"])
+           f"--results={work / 'overhead-results'}", *mode]
     run_job(cmd, child_env(1), work / "overhead.log", timeout=900)
     found = sorted((work / "overhead-results").rglob("*overhead-*.json"))
     return json.loads(found[-1].read_text())["results"][0] if found else None
