@@ -290,8 +290,8 @@ def checkpoint_activations(units: list[nn.Module]) -> None:
 
 def broadcast_coalesced(tensors: list[torch.Tensor]) -> None:
     """Rank 0's values into every rank's tensors, one broadcast per dtype."""
-    if not tensors or not dist.is_initialized():
-        return
+    if not tensors or not dist.is_initialized() or dist.get_world_size() < 2:
+        return  # one rank (FSDP on one GPU): before every forward, a copy in and out of every buffer for nothing
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
