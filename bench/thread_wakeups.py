@@ -2,11 +2,12 @@
 hand-written loop, MiniLM at N threads. Wakeups are the kernel's per-thread context-switch counters, so other
 users' load moves them little; a background thread beside an OpenMP team shows here.
 
-    python bench/thread_wakeups.py                # 2 threads, ~3 min
+    python bench/thread_wakeups.py                # 2 threads, a few minutes (start-up of 3 processes)
     python bench/thread_wakeups.py --threads 1
 
-Each side runs as a fresh process; after --settle seconds of training the script reads
-/proc/PID/task/*/{comm,stat,status} twice, --window seconds apart, and reports per thread: CPU seconds,
+Each side runs as a fresh process; once it has written its first train record (its first log_every steps
+are done: set-up is over) the script reads /proc/PID/task/*/{comm,stat,status} twice, --window seconds
+apart, and reports per thread: CPU seconds,
 voluntary switches (the thread slept and woke) and involuntary ones (it was preempted) in the window.
 Writes bench/results/<date>-thread_wakeups-cpu.json (+ .md).
 """
@@ -25,8 +26,9 @@ from overhead import RUN_PROJECT
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--settle", type=float, default=60.0, help="seconds after start before the first reading")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a side's first train record")
     p.add_argument("--window", type=float, default=20.0)
+    p.add_argument("--sides", default="project,handwritten,hf_trainer")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     return p.parse_args(argv)
 
@@ -48,12 +50,14 @@ def read_threads(pid: int) -> dict[str, dict]:
     return out
 
 
-def measure(cmd: list[str], env: dict, log: Path, settle: float, window: float) -> list[dict]:
+def measure(cmd: list[str], env: dict, log: Path, records: Path, timeout: float, window: float) -> list[dict]:
     proc = start(cmd, env, log)
     try:
-        time.sleep(settle)
-        if proc.poll() is not None:
-            raise SystemExit(f"{cmd[1]} ended before the reading (see {log}); use a shorter --settle")
+        began = time.time()
+        while not (records.exists() and '"train"' in records.read_text()):
+            if proc.poll() is not None or time.time() - began > timeout:
+                raise SystemExit(f"{cmd[1]} wrote no train record (see {log})")
+            time.sleep(1.0)
         first = read_threads(proc.pid)
         time.sleep(window)
         last = read_threads(proc.pid)
@@ -73,14 +77,19 @@ def measure(cmd: list[str], env: dict, log: Path, settle: float, window: float) 
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = fresh_dir(args.results / "work" / "thread_wakeups")
-    case = BertCase(threads=args.threads, steps=10_000, log_every=10).with_data(work)
+    case = BertCase(threads=args.threads, steps=10_000, log_every=2).with_data(work)
+    records = {"project": work / "project" / "metrics.jsonl", "handwritten": work / "handwritten.jsonl",
+               "hf_trainer": work / "hf.jsonl"}
     sides = {"project": python_cmd(RUN_PROJECT, case.project_args(work / "project")),
-             "handwritten": python_cmd(HANDWRITTEN, case.handwritten_args(work / "handwritten.jsonl")),
-             "hf_trainer": python_cmd(HF_TRAINER, case.trainer_args(work / "hf.jsonl"))}
+             "handwritten": python_cmd(HANDWRITTEN, case.handwritten_args(records["handwritten"])),
+             "hf_trainer": python_cmd(HF_TRAINER, case.trainer_args(records["hf_trainer"]))}
     results, rows = {}, []
     for name, cmd in sides.items():
-        print(f"{name}: {args.settle:.0f} s to settle, then a {args.window:.0f} s window", flush=True)
-        threads = measure(cmd, child_env(args.threads), work / f"{name}.log", args.settle, args.window)
+        if name not in args.sides.split(","):
+            continue
+        print(f"{name}: from its first train record, a {args.window:.0f} s window", flush=True)
+        threads = measure(cmd, child_env(args.threads), work / f"{name}.log", records[name], args.timeout,
+                          args.window)
         results[name] = threads
         for t in threads:
             rows.append([name, t["tid"], t["name"], f"{t['cpu_s']:.2f}", f"{t['voluntary'] / args.window:.1f}",
