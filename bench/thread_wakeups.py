@@ -77,7 +77,7 @@ def measure(cmd: list[str], env: dict, log: Path, records: Path, timeout: float,
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = fresh_dir(args.results / "work" / "thread_wakeups")
-    case = BertCase(threads=args.threads, steps=10_000, log_every=2).with_data(work)
+    case = BertCase(threads=args.threads, steps=400, log_every=2).with_data(work)  # outlasts the window
     records = {"project": work / "project" / "metrics.jsonl", "handwritten": work / "handwritten.jsonl",
                "hf_trainer": work / "hf.jsonl"}
     sides = {"project": python_cmd(RUN_PROJECT, case.project_args(work / "project")),
