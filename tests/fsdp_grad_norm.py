@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from dtrain.optim import all_sharded_on_their_mesh, grad_norm_and_clip
+from dtrain.optim import grad_norm_and_clip, shards_on_their_mesh
 
 
 def sharded_model_with_grads(seed: int) -> nn.Module:
@@ -27,7 +27,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     ours, theirs = sharded_model_with_grads(1), sharded_model_with_grads(1)
     grads = [p.grad for p in ours.parameters()]
-    assert all_sharded_on_their_mesh(grads)
+    assert shards_on_their_mesh(grads) is not None  # the path under test, not torch's
     norm = grad_norm_and_clip(grads, max_norm=0.5)
     torch_norm = nn.utils.clip_grad_norm_(list(theirs.parameters()), max_norm=0.5).full_tensor()
     torch.testing.assert_close(norm, torch_norm)

@@ -90,8 +90,9 @@ def grad_norm_and_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tens
     """
     if not any(isinstance(g, DTensor) for g in grads):
         return local_norm_and_clip(grads, max_norm)
-    if all_sharded_on_their_mesh(grads):
-        return sharded_norm_and_clip(grads, max_norm)
+    shards = shards_on_their_mesh(grads)
+    if shards is not None:
+        return sharded_norm_and_clip(grads[0].device_mesh, shards, max_norm)
     norm = nn.utils.get_total_norm(grads)  # other layouts (replicated, CPU-offloaded shards): torch's way
     if max_norm > 0:
         nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
@@ -118,29 +119,34 @@ def local_norm_and_clip(grads: list[torch.Tensor], max_norm: float, squares_redu
     return norm
 
 
-def all_sharded_on_their_mesh(grads: list[torch.Tensor]) -> bool:
+def shards_on_their_mesh(grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """FSDP2's gradients: DTensors on one 1-d mesh, sharded (each element on exactly one rank), whose shards
-    live on the mesh's device type (not CPU-offloaded)."""
+    live on the mesh's device type (not CPU-offloaded). Their local shards (each to_local is an op: once), or
+    None for any other layout."""
     from torch.distributed.tensor import Shard
 
     meshes = {g.device_mesh for g in grads if isinstance(g, DTensor)}  # equal meshes, not one object
-    return len(meshes) == 1 and all(
-        isinstance(g, DTensor) and g.device_mesh.ndim == 1 and isinstance(g.placements[0], Shard)
-        and g.to_local().device.type == g.device_mesh.device_type for g in grads)
+    if len(meshes) != 1 or not all(isinstance(g, DTensor) for g in grads):
+        return None
+    mesh = meshes.pop()
+    if mesh.ndim != 1 or not all(isinstance(g.placements[0], Shard) for g in grads):
+        return None
+    shards = [g.to_local() for g in grads]
+    return shards if all(s.device.type == mesh.device_type for s in shards) else None
 
 
-def sharded_norm_and_clip(grads: list[DTensor], max_norm: float) -> torch.Tensor:
+def sharded_norm_and_clip(mesh, shards: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The norm from every rank's own shards: a local norm and one all-reduce of its square (a sum over
     disjoint parts is the square of the whole's norm); clipping scales the shards in place."""
     import torch.distributed as dist
 
-    group = grads[0].device_mesh.get_group()
+    group = mesh.get_group()
 
     def summed_over_ranks(squares: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(squares, group=group)
         return squares
 
-    return local_norm_and_clip([g.to_local() for g in grads], max_norm, summed_over_ranks)
+    return local_norm_and_clip(shards, max_norm, summed_over_ranks)
 
 
 def by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
