@@ -128,6 +128,30 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def process_counters() -> dict[str, int]:
+    """This process's OS threads now, and its context switches so far (all threads; getrusage): a thread
+    that wakes beside an OpenMP team shows as more switches per step, whatever the machine's load."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    tasks = Path("/proc/self/task")
+    return {"os_threads": len(os.listdir(tasks)) if tasks.is_dir() else 0,
+            "voluntary_switches": usage.ru_nvcsw, "involuntary_switches": usage.ru_nivcsw}
+
+
+def steady_counters(records: list[dict[str, Any]], warmup_windows: int) -> dict[str, float] | None:
+    """From process_counters in the records: OS threads at the end, context switches per optimizer step
+    after the warm-up windows (None for records without them)."""
+    train = [r for r in records if r.get("kind") == "train" and "voluntary_switches" in r]
+    first, last = (train[max(warmup_windows - 1, 0)], train[-1]) if train else (None, None)
+    if first is None or last["step"] == first["step"]:
+        return None
+    steps = last["step"] - first["step"]
+    return {"os_threads": last["os_threads"],
+            "voluntary_per_step": (last["voluntary_switches"] - first["voluntary_switches"]) / steps,
+            "involuntary_per_step": (last["involuntary_switches"] - first["involuntary_switches"]) / steps}
+
+
 def steady_rate(records: list[dict[str, Any]], warmup_windows: int) -> float:
     """Samples/s of a run: the median over its train windows after the warm-up ones.
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from common import process_counters
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -134,7 +136,8 @@ def main(argv=None) -> None:
                     now = time.perf_counter()
                     rate = args.log_every * args.batch / (now - window_start)
                     out.write(json.dumps({"kind": "train", "step": step, "loss": loss_value,
-                                          "samples_per_sec": rate, "cpu_s": time.process_time()}) + "\n")
+                                          "samples_per_sec": rate, "cpu_s": time.process_time(),
+                                          **process_counters()}) + "\n")
                     out.flush()
                     window_start = time.perf_counter()
                 if step == args.steps:

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from common import process_counters
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,6 +117,7 @@ def main(argv=None) -> None:
             self.out.write(json.dumps({"kind": "train", "step": state.global_step, "samples_per_sec": rate,
                                        "pad_per_sample": padding["pad"] / max(padding["samples"], 1),
                                        "cpu_s": time.process_time(), "threads": torch.get_num_threads(),
+                                       **process_counters(),
                                        "fused": getattr(optimizer, "optimizer", optimizer).defaults.get("fused")})
                            + "\n")
             self.out.flush()

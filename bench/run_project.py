@@ -6,7 +6,8 @@ Wall-clock samples/s is what users see, but on a machine shared with other jobs 
 load. CPU seconds per window are nearly immune to that (another job takes turns on a core; it does
 not make this process do more work), so bench/overhead.py also reports samples per CPU-second: a loop
 that adds work shows it there even when the wall-clock figures are noisy. One extra
-time.process_time() call per logged record is all this adds.
+time.process_time() call per logged record is all this adds. Each record also gets the process's
+thread count and context switches so far (process_counters): what else runs beside the compute threads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import process_counters
 from dtrain import metrics
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
@@ -23,7 +25,7 @@ _record = metrics.RunLogger.record
 
 
 def record_with_cpu_time(self, record, step):
-    return _record(self, {**record, "cpu_s": time.process_time()}, step)
+    return _record(self, {**record, "cpu_s": time.process_time(), **process_counters()}, step)
 
 
 metrics.RunLogger.record = record_with_cpu_time

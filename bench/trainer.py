@@ -31,8 +31,8 @@ from pathlib import Path
 
 from cases import HF_TRAINER
 from common import (DEFAULT_RESULTS, ROOT, child_env, drop_checkpoints, fmt_summary, fresh_dir, interleaved,
-                    machine_info, print_table, python_cmd, read_records, run_job, steady_cpu_rate, steady_rate, summary,
-                    write_json)
+                    machine_info, print_table, python_cmd, read_records, run_job, steady_counters, steady_cpu_rate,
+                    steady_rate, summary, write_json)
 from overhead import RUN_PROJECT, usable_cores
 
 CONFIG = ROOT / "configs" / "bert" / "minilm_rotten_tomatoes.yaml"
@@ -172,11 +172,24 @@ def measure(setup: Setup, reps: int) -> dict[str, list[dict]]:
             return {"rate": steady_rate(records, setup.warmup_windows),
                     "cpu_rate": steady_cpu_rate(records, setup.warmup_windows, setup.log_every * setup.batch),
                     "pad_per_sample": statistics.mean(pads) if pads else None,
-                    "fused": measured[-1].get("fused") if measured else None}
+                    "fused": measured[-1].get("fused") if measured else None,
+                    "process": steady_counters(records, setup.warmup_windows)}
         return one
 
     return interleaved({name: run(command) for name, command in setup.sides().items()}, reps, setup.work / "runs",
                        unit="seq/s")
+
+
+def process_note(runs: dict[str, list[dict]]) -> str:
+    """Per side, the median OS threads and voluntary/involuntary context switches per step of its process."""
+    parts = []
+    for name, results in runs.items():
+        counts = [r["process"] for r in results if r.get("process")]
+        if counts:
+            med = {k: statistics.median(c[k] for c in counts) for k in counts[0]}
+            parts.append(f"{name} {med['os_threads']:.0f} threads, {med['voluntary_per_step']:.1f} voluntary / "
+                         f"{med['involuntary_per_step']:.1f} involuntary switches per step")
+    return f"(processes: {'; '.join(parts)})" if parts else ""
 
 
 def main(argv=None) -> int:
@@ -220,6 +233,7 @@ def main(argv=None) -> int:
             f"grouped by length, for {epoch[True]['real_per_sample']:.1f} real tokens. Project shipped / project "
             f"identical: {grouping:.3f} (shipped: data.group_by_length={setup.config.data.group_by_length}, "
             f"precision={setup.config.precision}).)")
+    note += "\n" + process_note(runs)
     table = print_table(
         f"BERT fine-tuning vs Hugging Face Trainer ({args.device}; {setup.settings()}; median (min-max) of {reps} "
         "interleaved repetition(s), steady-state sequences/s)",

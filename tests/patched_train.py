@@ -9,6 +9,9 @@ HANG_IN_SHARDED_SAVE=N      on the N-th sharded save (torch.distributed.checkpoi
 SLOW_SAVE_S=S               every file save: create '<target>.slow', then take S seconds longer before writing
 SLOW_DATA_RANK=R            on rank R, every training sample takes SLOW_DATA_S seconds longer to load
                             (a rank held up by its data: slow storage, too few loader workers)
+NAN_GRAD_AT_STEP=N          optimizer step N (1-based) finds a nan in one gradient (a bad batch at a known step);
+                            every optimizer step prints 'patched: optimizer step N' (how far the run went)
+NONFINITE_DEFERRED=1        the non-finite record is read only where a GPU run reads it (log steps, saves, epoch ends)
 """
 
 import io
@@ -88,5 +91,28 @@ if os.environ.get("SLOW_DATA_RANK") == os.environ.get("RANK"):
         return _original_getitem(self, key)
 
     dtrain.data.EpochSeeded.__getitem__ = _slow_getitem
+
+if "NAN_GRAD_AT_STEP" in os.environ:
+    import dtrain.loop
+
+    _original_optimizer_step = dtrain.loop.optimizer_step
+
+    def _optimizer_step_with_nan(t):
+        print(f"patched: optimizer step {t.state.step + 1}", flush=True)
+        if t.state.step + 1 == int(os.environ["NAN_GRAD_AT_STEP"]):
+            next(p for p in t.strategy.raw_model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        _original_optimizer_step(t)
+
+    dtrain.loop.optimizer_step = _optimizer_step_with_nan
+if os.environ.get("NONFINITE_DEFERRED") == "1":
+    import dtrain.loop
+
+    _original_watch_init = dtrain.loop.NonfiniteWatch.__init__
+
+    def _deferred_watch_init(self, device):
+        _original_watch_init(self, device)
+        self.deferred = True
+
+    dtrain.loop.NonfiniteWatch.__init__ = _deferred_watch_init
 
 load_train(sys.argv[1:], run_name="__main__")

@@ -62,30 +62,48 @@ class Trainer:
 
 
 class NonfiniteWatch:
-    """The first optimizer step whose gradient norm was not finite, recorded on the device.
+    """The first optimizer step whose gradient norm was not finite.
 
-    Asking `bool(isfinite(norm))` after every step would make the CPU wait for the GPU each time,
-    so it could not queue the next step's kernels while this one runs. The record is read where
-    the loop waits anyway: at log steps, before a checkpoint and at the end of an epoch (and after
-    every step on the CPU, where nothing runs ahead). Steps taken after a bad one are thrown away
-    with the run: it stops with an error and saves nothing.
+    The norm is the check: one inf or nan gradient makes it inf or nan, so no second pass over the
+    gradients is needed. Asking `bool(isfinite(norm))` after every step would make the CPU wait for
+    the GPU each time, so it could not queue the next step's kernels while this one runs: on GPUs
+    the norms are only kept (no op per step) and read together where the loop waits anyway: at log
+    steps, before a checkpoint and at the end of an epoch (on the CPU, where nothing runs ahead,
+    after every step). Steps taken after a bad one are thrown away with the run: it stops with an
+    error naming the bad step and saves nothing.
     """
+
+    most_kept = 256  # norms kept one by one before they are stacked into one tensor (still without a host sync)
 
     def __init__(self, device: torch.device):
         self.deferred = device.type == "cuda"
-        self.first_bad = torch.tensor(-1, dtype=torch.int64, device=device)
+        self.steps: list[int] = []  # the step of each norm kept, in order
+        self.norms: list[torch.Tensor] = []  # the newest norms (0-d, all on one device: where the gradients are)
+        self.folded: torch.Tensor | None = None  # the older ones, 1-d
 
     def record(self, grad_norm: torch.Tensor, step: int) -> None:
-        # The norm is on the CPU where the gradients are (fsdp.cpu_offload): the record stays on the device.
-        grad_norm = grad_norm.to(self.first_bad.device, non_blocking=True)
-        newly_bad = torch.logical_and(~torch.isfinite(grad_norm), self.first_bad < 0)
-        self.first_bad = torch.where(newly_bad, step, self.first_bad)
+        self.steps.append(step)
+        self.norms.append(grad_norm)
+        if len(self.norms) >= self.most_kept:  # a long interval between reads (log_every, epochs)
+            self.folded, self.norms = self.joined(), []
+
+    def joined(self) -> torch.Tensor:
+        """Every norm kept, as one 1-d tensor in step order."""
+        newest = torch.stack(self.norms) if self.norms else None
+        if self.folded is None or newest is None:
+            return self.folded if newest is None else newest
+        return torch.cat([self.folded, newest])
 
     def raise_if_seen(self, epoch: int) -> None:
-        step = int(self.first_bad)
-        if step >= 0:
-            raise UserError(f"non-finite loss or gradient at step {step} (epoch {epoch}): "
-                            "lower optim.lr, check the data, or set nonfinite_loss=skip")
+        if not self.steps:
+            return
+        finite, steps = torch.isfinite(self.joined()), self.steps
+        self.steps, self.norms, self.folded = [], [], None
+        if bool(finite.all()):
+            return
+        step = steps[int(finite.logical_not().nonzero()[0])]
+        raise UserError(f"non-finite loss or gradient at step {step} (epoch {epoch}): "
+                        "lower optim.lr, check the data, or set nonfinite_loss=skip")
 
 
 def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
@@ -217,7 +235,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    # cuDNN times its algorithms for each new input shape and keeps the fastest: training shapes repeat,
+    # and its untimed default for bf16 channels_last convolutions can be far slower (as torchvision's
+    # reference, which does the same). The choice can differ between runs, so deterministic runs go without.
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,9 +390,11 @@ def optimizer_step(t: Trainer) -> None:
     t.scaler.unscale_(t.optimizer)
     # The norm is global (reduced over the shards under FSDP; after DDP's all-reduce the gradients are
     # identical everywhere), so every rank reaches the same verdict without another collective.
-    grad_norm = t.strategy.clip_grad_norm(cfg.optim.grad_clip)
-    if cfg.precision == "fp16":
-        pass  # the scaler skips a non-finite step itself and lowers its scale
+    scaler_checks = cfg.precision == "fp16"  # the scaler skips a non-finite step itself and lowers its scale
+    if cfg.optim.grad_clip > 0 or not scaler_checks:  # otherwise nothing needs the norm: not computed
+        grad_norm = t.strategy.clip_grad_norm(cfg.optim.grad_clip)
+    if scaler_checks:
+        pass
     elif cfg.nonfinite_loss == "stop":
         t.nonfinite.record(grad_norm, t.state.step + 1)  # read later: see NonfiniteWatch
     elif not bool(torch.isfinite(grad_norm)):  # skipping must be decided now: a host sync per step on GPUs

@@ -39,6 +39,7 @@ from dtrain import syncbn
 from dtrain.config import Config
 from dtrain.dist import DistEnv
 from dtrain.errors import ConfigError
+from dtrain.optim import grad_norm_and_clip
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,12 +101,7 @@ class Strategy:
         return True  # nothing to zero: the next backward writes fresh gradients
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            norm = nn.utils.clip_grad_norm_(params, max_norm)
-        else:  # only the norm: clip_grad_norm_ would also rescale every gradient by 1.0
-            norm = nn.utils.get_total_norm([p.grad for p in params])
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return grad_norm_and_clip([p.grad for p in self.raw_model.parameters() if p.grad is not None], max_norm)
 
     def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         """Model and optimizer state, whole, on rank 0 (what it writes into one file); {} elsewhere."""
@@ -289,8 +285,8 @@ def checkpoint_activations(units: list[nn.Module]) -> None:
 
 def broadcast_coalesced(tensors: list[torch.Tensor]) -> None:
     """Rank 0's values into every rank's tensors, one broadcast per dtype."""
-    if not tensors or not dist.is_initialized():
-        return
+    if not tensors or not dist.is_initialized() or dist.get_world_size() < 2:
+        return  # one rank (FSDP on one GPU): before every forward, a copy in and out of every buffer for nothing
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
