@@ -59,7 +59,7 @@ clean:
 	rm -rf runs data .pytest_cache
 
 # CPU benchmarks: loop overhead vs hand-written PyTorch, 1 vs 2 process scaling and memory, HF Trainer.
-#   make bench                      ~24 min on 2 cores
+#   make bench                      ~29 min on 2 cores
 #   make bench BENCH_ARGS=--quick   a smoke run, ~4 min, results in bench/results/quick/ (not committed)
 #   make bench BENCH_ARGS=--device=cuda   on a GPU machine
 .PHONY: bench

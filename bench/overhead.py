@@ -1,7 +1,7 @@
 """Loop overhead: the project's train.py against a minimal hand-written PyTorch loop, same everything else.
 
-    python bench/overhead.py                 # CPU: ResNet-18 synthetic + all-MiniLM-L6-v2, 1 thread and all cores
-                                             # (a row each: twice the --threads 1 time)
+    python bench/overhead.py                 # CPU: ResNet-18 synthetic + all-MiniLM-L6-v2, 1 thread and all cores (~11 min)
+                                             # (a row each: twice the time of --threads 1, ~5.5 min on 2 cores)
     python bench/overhead.py --threads 1     # one thread per process only (~5.5 min on 2 cores)
     python bench/overhead.py --quick         # smoke run (~1.5 min)
     python bench/overhead.py --device cuda   # GPU: ResNet-50 AMP + channels_last, bert-base bf16

@@ -1,6 +1,6 @@
 """Run every benchmark (what `make bench` does) and collect their tables in one report.
 
-    python bench/run_all.py                  # CPU: overhead, scaling, trainer (~24 min on a 2-core machine)
+    python bench/run_all.py                  # CPU: overhead, scaling, trainer (~29 min on a 2-core machine)
     python bench/run_all.py --quick          # smoke run of all three (~4 min), into bench/results/quick/
     python bench/run_all.py --device cuda    # GPU mode of all three (scaling needs 2+ GPUs)
 
