@@ -11,6 +11,8 @@ MLflow logs to a real `mlflow server` (SQLite backend) this script starts on 127
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,12 @@ CASES = ("none", "tensorboard", "csv", "mlflow", "wandb")
 WARMUP_STEPS = 10
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """The whole session: `mlflow server` runs uvicorn and job-runner processes that outlive a killed parent."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -44,7 +52,7 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
             return proc, uri
         except OSError:
             time.sleep(0.5)
-    proc.kill()
+    stop_server(proc)
     raise SystemExit(f"mlflow server did not start: see {root / 'server.log'}")
 
 
@@ -75,7 +83,7 @@ def main() -> None:
             results = interleaved({name: case(name, steps, uri) for name in CASES}, reps, work / "runs",
                                   unit="ms per step")
         finally:
-            server.kill()
+            stop_server(server)
     base = summary(r["rate"] for r in results["none"])
     rows, figures = [], {}
     for name in CASES:
