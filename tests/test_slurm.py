@@ -54,7 +54,7 @@ def submit(cluster: SlurmCluster, script: str, sbatch_options: list[str], train_
     out.mkdir(parents=True, exist_ok=True)
     return cluster.sbatch("--partition=debug", "--time=15", f"--output={out}/%x-%j.out", *sbatch_options,
                           script, "--config", CONFIG, *train_args, cwd=ROOT,
-                          env={"PYTHONUNBUFFERED": "1", **env})
+                          env={"PYTHONUNBUFFERED": "1", "DTRAIN_TEST_PYTHON": sys.executable, **env})
 
 
 def job_output(info: dict[str, str]) -> str:
