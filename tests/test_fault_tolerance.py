@@ -191,14 +191,15 @@ def assert_last_checkpoint_loads(ckpt_dir: Path, read_only_mid_save: bool = Fals
 
 
 @needs_mounts
-def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mounts):
+@pytest.mark.parametrize("save", [[], ["async_save=true"]], ids=["synchronous", "background"])
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mounts, save):
     disk = tmp_path / "disk"
     disk.mkdir()
     mount("-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk))  # room for a few checkpoints of ~2.9 MB
     mounts.append(disk)
     out = disk / "run"
     proc = run_train([*FAST, "data.synthetic=true", "data.synthetic_train_size=400", f"output_dir={out}",
-                      "checkpoint_every=1", "keep_last=100", "max_steps=40"])
+                      "checkpoint_every=1", "keep_last=100", "max_steps=40", *save])
     line = assert_one_clear_error(proc, "could not write checkpoint", "no space left on the device",
                                   "the previous checkpoint is untouched")
     assert proc.returncode == 1, line
