@@ -24,13 +24,9 @@ import time
 import traceback
 from typing import NoReturn
 
-# Nothing is ever fetched from a model hub at run time: models and data come from local paths.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from dtrain.config import help_text, load_config  # noqa: E402 (after the environment is set)
-from dtrain.errors import StopTraining, UserError  # noqa: E402
-from dtrain.launcher import hand_back, launch_from_command_line, stop_if_launcher_dies  # noqa: E402
+from dtrain.config import help_text, load_config
+from dtrain.errors import EXIT_DONE, EXIT_ERROR, EXIT_INTERRUPTED, StopTraining, UserError
+from dtrain.launcher import hand_back, launch_from_command_line, stop_if_launcher_dies
 
 
 REPORT_GRACE_S = 3.0
@@ -49,32 +45,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = env = None
+    cfg = job = None
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.nproc:  # this process only starts the workers: each runs this file with nproc=0
             return launch_from_command_line(cfg, os.path.abspath(__file__), args.config, args.overrides)
         stop_if_launcher_dies(cfg.stop_signals)  # a worker started by nproc=: saves and stops if orphaned
-        from dtrain import dist  # torch is imported only once the command line is known to be good
-        from dtrain.loop import run
-        from dtrain.strategies import build_strategy
+        from dtrain.build import Job  # torch is imported only once the command line is known to be good
 
-        env = dist.setup(cfg)
-        metrics = run(cfg, env, build_strategy(cfg, env))
-        if env.is_main:
+        job = Job(cfg)
+        metrics = job.start()
+        if job.env.is_main:
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}  # not per-class lists
             print(f"done: {', '.join(f'{k} {v:.4g}' for k, v in numbers.items())}; outputs in {cfg.output_dir}")
             hand_back(metrics=metrics)  # to the process that started this worker with nproc=, if one did
-        return 0
+        return EXIT_DONE
     except BaseException as error:
         if threading.current_thread() is threading.main_thread():
             # A DataLoader whose worker died raises from its SIGCHLD handler again at every later child
             # exit, which would interrupt the report below.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        return exit_code_for(error, cfg, env)
+        return exit_code_for(error, cfg, None if job is None else job.env)
     finally:
-        if env is not None:
-            dist.cleanup(env)
+        if job is not None:
+            job.close()
 
 
 def exit_code_for(error: BaseException, cfg, env) -> int:
@@ -90,10 +84,10 @@ def exit_code_for(error: BaseException, cfg, env) -> int:
         if env is None or env.is_main:
             print("interrupted: nothing saved since the last checkpoint (resume=auto continues from it)",
                   file=sys.stderr, flush=True)
-        return 130
+        return EXIT_INTERRUPTED
     if isinstance(error, Exception) and (why := worker_failure(error)) is not None:
         report(UserError(why, all_ranks=False), env)
-        return 1
+        return EXIT_ERROR
     if isinstance(error, Exception) and env is not None and env.distributed:
         from dtrain import dist
 
@@ -107,7 +101,7 @@ def exit_code_for(error: BaseException, cfg, env) -> int:
                       f"({first_line})", file=sys.stderr, flush=True)
             else:  # another rank failed first and says why; this one only notes that it lost its peers
                 print(f"rank {env.rank}: stopping, lost contact with another rank ({first_line})", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
     raise error
 
 
@@ -154,7 +148,7 @@ def exit_process(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    exit_code = 1
+    exit_code = EXIT_ERROR
     try:
         exit_code = main()
     except SystemExit as e:  # argparse: --help (0), bad arguments (2)

@@ -44,27 +44,22 @@ def host_syncs_in_one_epoch(tmp_path, steps: int) -> list[str]:
     import warnings
 
     from dtrain import loop
+    from dtrain.build import built_trainer
     from dtrain.config import load_config
     from dtrain.dist import setup
-    from dtrain.observe import Heartbeat
-    from dtrain.strategies import build_strategy
 
     cfg = load_config(None, [*SYNTHETIC, f"output_dir={tmp_path}", "mode=auto", "num_workers=0", "batch_size=4",
                              f"data.synthetic_train_size={4 * steps}", "max_steps=0", "epochs=2", "log_every=1000"])
     env = setup(cfg)
-    loop.prepare_output_dir(cfg, env)
-    heartbeat = Heartbeat(cfg.output_dir, env, cfg.hang_report_s).start()
-    trainer = loop.prepare(cfg, env, build_strategy(cfg, env), loop.StopRequest([], env), heartbeat)
-    loop.train_one_epoch(trainer)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            loop.train_one_epoch(trainer)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    trainer.logger.close()
-    heartbeat.close()
+    with built_trainer(cfg, env) as trainer:
+        loop.train_one_epoch(trainer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop.train_one_epoch(trainer)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     assert trainer.state.step == 2 * steps
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from dtrain import loop
+from dtrain import build
 from dtrain.config import load_config
 from dtrain.data import EpochSeeded, LengthGroupedSampler, ResumableSampler, ShardSampler
 from dtrain.strategies import build_strategy
@@ -97,7 +97,7 @@ class Recording(Dataset):
         return torch.tensor([float(i)]), torch.tensor(i % 2)
 
 
-def test_loop_reshuffles_each_epoch_and_evaluates_every_sample(tmp_path, monkeypatch):
+def test_loop_reshuffles_each_epoch_and_evaluates_every_sample(tmp_path):
     train, val = Recording(12), Recording(5)
     model = torch.nn.Linear(1, 2)
     task = Task(model=model, train_set=train, val_set=val,
@@ -107,11 +107,10 @@ def test_loop_reshuffles_each_epoch_and_evaluates_every_sample(tmp_path, monkeyp
                 summarize=lambda s: {"loss": 0.0, "accuracy": s["correct1"] / s["samples"],
                                      "samples": int(s["samples"])},
                 identity={"workload": "test"})
-    monkeypatch.setattr(loop, "build_task", lambda cfg, env: task)
     cfg = load_config(None, [f"output_dir={tmp_path}", "epochs=2", "batch_size=4", "num_workers=0",
                              "progress=false"])
     env = env_of(0, 1)
-    metrics = loop.run(cfg, env, build_strategy(cfg, env))
+    metrics = build.run(cfg, env, build_strategy(cfg, env), task=task)  # the test's own workload
     epochs = [train.seen[:12], train.seen[12:24]]
     assert len(train.seen) == 24 and all(sorted(e) == list(range(12)) for e in epochs)
     assert epochs[0] != epochs[1]  # set_epoch reached the sampler

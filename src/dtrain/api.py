@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from dtrain.config import load_config
-from dtrain.errors import StopTraining, TrainingFailed, UserError
+from dtrain.errors import EXIT_DONE, EXIT_INTERRUPTED, EXIT_STOPPED, StopTraining, TrainingFailed, UserError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"  # the checkout's entry point, run by each worker
 
@@ -30,8 +29,10 @@ def train(config: str | os.PathLike | None = None, overrides: Sequence[str] | Ma
     words = override_words(overrides) + ([] if nproc is None else [f"nproc={nproc}"])
     config_path = None if config is None else os.fspath(config)
     cfg = load_config(config_path, words)
-    if not cfg.nproc:
-        return _train_here(cfg)
+    if not cfg.nproc:  # one process, as `python train.py` (DataParallel with several GPUs), raising instead of exiting
+        from dtrain.build import run_job
+
+        return run_job(cfg)
     from dtrain import launcher
 
     if not TRAIN_SCRIPT.is_file():
@@ -39,12 +40,12 @@ def train(config: str | os.PathLike | None = None, overrides: Sequence[str] | Ma
                         "(install dtrain from a source checkout: pip install -e .)")
     outcome = launcher.launch(cfg, str(TRAIN_SCRIPT), launcher.worker_args(config_path, words, cfg),
                               stream_to_caller=not launcher.streams_are_inherited())
-    if outcome.exit_code == 0:
+    if outcome.exit_code == EXIT_DONE:
         return outcome.metrics
-    if outcome.exit_code == 3:
+    if outcome.exit_code == EXIT_STOPPED:
         raise StopTraining("stopped by a signal: every rank saved a checkpoint at the same step "
                            "(resume='auto' continues)")
-    if outcome.exit_code == 130:
+    if outcome.exit_code == EXIT_INTERRUPTED:
         raise KeyboardInterrupt
     raise TrainingFailed(outcome.worker_error or outcome.message or f"the workers failed (exit code "
                          f"{outcome.exit_code}); the failing rank's output is above", exit_code=outcome.exit_code)
@@ -64,29 +65,3 @@ def override_words(overrides: Sequence[str] | Mapping[str, Any], prefix: str = "
             text = "" if value is None else value if isinstance(value, str) else json.dumps(value)
             words.append(f"{prefix}{key}={text}")
     return words
-
-
-def _train_here(cfg) -> dict[str, float]:
-    """One process, as ``python train.py`` (DataParallel with several GPUs), but exceptions instead of exit codes."""
-    from dtrain import dist
-    from dtrain.loop import run
-    from dtrain.strategies import build_strategy
-
-    with _offline():
-        env = dist.setup(cfg)
-        try:
-            return run(cfg, env, build_strategy(cfg, env))
-        finally:
-            dist.cleanup(env)
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Nothing is fetched from a model hub during the run (as train.py sets it); the caller's values come back after."""
-    from dtrain.launcher import restored_environ
-
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    with restored_environ(*names):
-        for name in names:
-            os.environ.setdefault(name, "1")
-        yield

@@ -1,64 +1,34 @@
-"""The one training loop, shared by every workload and every execution mode."""
+"""The one training loop, shared by every workload and every execution mode: it drives a `dtrain.build.Trainer`.
+
+One optimizer step is `micro_step` per micro-batch, then `optimizer_step` (`train_step` is the two together):
+the benchmarks time these very functions."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
-from dtrain.config import Config, save_config, to_dict
-from dtrain.data import Layout, ResumableSampler, make_loaders, to_device
+from dtrain.config import Config, to_dict
+from dtrain.data import Layout, to_device
 from dtrain.dist import (DistEnv, agree_on_failure, barrier, broadcast_object, gather_floats, gather_objects,
                          max_over_ranks)
 from dtrain.ema import ModelEMA
 from dtrain.errors import StopTraining, UserError
-from dtrain.ledger import SampleLedger, truncate_after
-from dtrain.metrics import RunLogger, Throughput
-from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
-from dtrain.optim import build_optimizer, build_scheduler, keep_implementation, warmup_steps
-from dtrain.stopping import StopRequest, requeue_slurm_job
+from dtrain.metrics import Throughput
+from dtrain.optim import keep_implementation
+from dtrain.stopping import requeue_slurm_job
 from dtrain.strategies import Strategy
-from dtrain.trackers import start_trackers
-from dtrain.workloads import Task, build_task
+from dtrain.workloads import Task
 
-
-@dataclass
-class Trainer:
-    """Everything one run holds; built by `prepare`, driven by `fit`."""
-
-    cfg: Config
-    env: DistEnv
-    strategy: Strategy  # the execution mode: wrapping, gradient sync, state dicts
-    task: Task
-    model: nn.Module  # what training calls (strategy.model)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    train_loader: Any
-    sampler: ResumableSampler
-    val_loader: Any
-    steps_per_epoch: int
-    state: TrainState
-    logger: RunLogger
-    stop: StopRequest
-    nonfinite: "NonfiniteWatch"
-    ema: ModelEMA | None  # ema.enabled: the average of the weights, evaluated after the model
-    heartbeat: Heartbeat  # where this rank is, for hang reports
-    clock: StepClock = field(default_factory=StepClock)  # this rank's data wait and compute per step
-    timing: TimingWatch | None = None  # every rank's timing -> metrics and straggler warnings
-    profiler: Profiler | None = None
-    flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
-    saves: "BackgroundSaves | None" = None  # async_save: the checkpoint write in flight
-    ledger: SampleLedger | None = None  # record_samples: this rank's sample ledger
+if TYPE_CHECKING:  # dtrain.build makes the Trainer and imports this module
+    from dtrain.build import Trainer
 
 
 class NonfiniteWatch:
@@ -104,141 +74,6 @@ class NonfiniteWatch:
         step = steps[int(finite.logical_not().nonzero()[0])]
         raise UserError(f"non-finite loss or gradient at step {step} (epoch {epoch}): "
                         "lower optim.lr, check the data, or set nonfinite_loss=skip")
-
-
-def run(cfg: Config, env: DistEnv, strategy: Strategy) -> dict[str, float]:
-    """Train (or only evaluate) as configured; returns the last evaluation metrics."""
-    prepare_output_dir(cfg, env)
-    stop = StopRequest(cfg.stop_signals, env)  # early, so a signal during set-up is not lost
-    heartbeat = Heartbeat(cfg.output_dir, env, cfg.hang_report_s).start()
-    try:
-        trainer = prepare(cfg, env, strategy, stop, heartbeat)
-        try:
-            if cfg.eval_only:
-                return evaluate_and_log(trainer)
-            return fit(trainer)
-        finally:
-            wait_for_background_save(trainer)  # an error too: a write in flight ends before the process does
-            trainer.profiler.close()
-            trainer.logger.close()
-            if trainer.ledger is not None:
-                trainer.ledger.close()
-    finally:
-        heartbeat.close()
-        stop.restore()
-
-
-def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
-    """Every rank can write output_dir, rank 0 also checkpoints/: checked before any training is spent."""
-    failure = None
-    try:
-        check_writable(Path(cfg.output_dir), env.rank)
-        if env.is_main and not cfg.eval_only:
-            ckpt_dir = ckpt.checkpoint_dir(cfg.output_dir)
-            check_writable(ckpt_dir, env.rank)
-            for stale in ckpt.remove_stale_temporaries(ckpt_dir):
-                print(f"removed {stale}: left by a save that was interrupted", flush=True)
-        if env.is_main:
-            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    except UserError as e:
-        failure = e
-    agree_on_failure(failure, env)
-
-
-def check_writable(folder: Path, rank: int) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{str(folder)!r} is a file where a folder belongs (move it, or choose another "
-                        "output_dir=...)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{rank}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{str(folder)!r} is not writable: {e.strerror or e} "
-                        "(fix it, or choose another output_dir=...)") from None
-
-
-def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, heartbeat: Heartbeat) -> Trainer:
-    # Same seed on every rank for model construction: all ranks start from identical weights.
-    seed_everything(cfg.seed, cfg.deterministic)
-    task = build_task(cfg, env)
-    model = strategy.wrap(task.model, task.units(task.model))
-    optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay, task.is_head,
-                                say=lambda msg: print(msg, flush=True) if env.is_main else None)
-    train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                                     task.random_samples, batch_transform=task.batch_transform,
-                                                     ra_reps=task.ra_reps, lengths=task.lengths)
-    steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
-                        f"batch_size={cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} x "
-                        f"{env.world_size} process(es); lower batch_size")
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
-    ema = None  # made before any forward (see ModelEMA) and before the checkpoint is loaded into it
-    if cfg.ema.enabled:
-        ema = ModelEMA(cfg, strategy, env.world_size, warmup_steps(cfg.optim, steps_per_epoch))
-    if cfg.precision == "fp16" and env.device.type != "cuda":
-        raise UserError("precision=fp16 needs a GPU; on the CPU use precision=bf16 or fp32")
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
-    # Different seed per rank from here on (dropout, augmentation in the main process).
-    seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
-    state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, ema) or state
-    if state.best_metric != cfg.best_metric:  # resumed with another best_metric: best.pt is chosen afresh
-        state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
-    logger = RunLogger(cfg.output_dir, env, cfg.progress, start_trackers(cfg, env, state))
-    if ema is not None:
-        logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.8g} (ema.decay={cfg.ema.decay} "
-                     f"adjusted for {env.world_size} x {cfg.batch_size * cfg.grad_accum_steps} x {ema.steps} / "
-                     f"{cfg.epochs} epochs)")
-    t = Trainer(cfg, env, strategy, task, model, optimizer, scheduler, scaler, train_loader, sampler, val_loader,
-                steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), ema, heartbeat,
-                timing=TimingWatch(cfg.num_workers),
-                profiler=Profiler(cfg.output_dir, env.rank, cfg.profile.start_step, cfg.profile.steps,
-                                  cfg.profile.cuda_memory))
-    t.flops_per_sample = count_flops(t)
-    if cfg.async_save and not cfg.eval_only:
-        t.saves = BackgroundSaves(env, strategy.sharded)
-    if cfg.record_samples and not cfg.eval_only:
-        t.ledger = open_ledger(cfg, env, state.step)
-    return t
-
-
-def open_ledger(cfg: Config, env: DistEnv, step: int) -> SampleLedger:
-    """Rank 0 first cuts every rank's records back to the resumed step (later steps were lost and are
-    trained again); then each rank appends to its own file."""
-    if env.is_main:
-        truncate_after(cfg.output_dir, step)
-    barrier(env)
-    return SampleLedger(cfg.output_dir, env.rank)
-
-
-def count_flops(t: Trainer) -> float:
-    """Training FLOPs per sample, from one forward over the first validation samples (0 if not countable)."""
-    samples = min(t.cfg.batch_size, len(t.task.val_set))
-    batch = to_device(t.val_loader.collate_fn([t.task.val_set[i] for i in range(samples)]), t.env.device)
-    try:
-        with autocast_context(t.env.device, t.cfg.precision):
-            return flops_per_sample(t.strategy.eval_model(), t.task.train_loss, batch, samples)
-    except Exception as e:  # noqa: BLE001 - an operator the counter does not know: report, don't fail
-        t.logger.print(f"model FLOPs not counted ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                       "no TFLOP/s in the train records")
-        return 0.0
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    # cuDNN times its algorithms for each new input shape and keeps the fastest: training shapes repeat,
-    # and its untimed default for bf16 channels_last convolutions can be far slower (as torchvision's
-    # reference, which does the same). The choice can differ between runs, so deterministic runs go without.
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,12 +136,8 @@ def train_one_epoch(t: Trainer) -> None:
         if micro % cfg.grad_accum_steps == 1 or cfg.grad_accum_steps == 1:
             t.profiler.before_step(state.step + 1)
         t.heartbeat.enter("forward/backward")
-        batch = to_device(batch, env.device)
-        with t.strategy.no_sync(skip=not last_micro):
-            with autocast:
-                loss = t.task.train_loss(t.model, batch)
-            t.scaler.scale(loss / cfg.grad_accum_steps).backward()
-        loss_sum[0] += loss.detach().double() / cfg.grad_accum_steps
+        loss = micro_step(t, to_device(batch, env.device), last_micro, autocast)
+        loss_sum[0] += loss.double() / cfg.grad_accum_steps
         if t.ledger is not None:
             step_keys += plan[micro - 1]
         if not last_micro:
@@ -314,11 +145,8 @@ def train_one_epoch(t: Trainer) -> None:
             t.heartbeat.enter("data")
             continue
         t.heartbeat.enter("optimizer")
-        optimizer_step(t)
+        take_step(t)
         loss_sum[1] += 1
-        state.step += 1
-        if t.ema is not None:
-            t.ema.after_step(state.step)
         steps_in_pass += 1
         state.samples_in_epoch = t.sampler.position_after(steps_in_pass)
         if t.ledger is not None:
@@ -382,6 +210,44 @@ def stop_after_save(t: Trainer) -> None:
     stop = StopTraining()
     stop.exit_code = broadcast_object(exit_code, t.env)
     raise stop
+
+
+def micro_step(t: Trainer, batch: Any, last_micro: bool, autocast: contextlib.AbstractContextManager | None = None,
+               after_forward=None) -> torch.Tensor:
+    """Forward and backward of one micro-batch (on the device), its loss scaled for accumulation; the gradient
+    all-reduce only on the step's last micro-batch. Returns the (detached) loss. `after_forward()`, if given,
+    runs between forward and backward (a benchmark's timer)."""
+    autocast = autocast_context(t.env.device, t.cfg.precision) if autocast is None else autocast
+    # no_sync has to cover the forward pass too: DDP's forward prepares the backward all-reduce.
+    with t.strategy.no_sync(skip=not last_micro):
+        with autocast:
+            loss = t.task.train_loss(t.model, batch)
+        if after_forward is not None:
+            after_forward()
+        t.scaler.scale(loss / t.cfg.grad_accum_steps).backward()
+    return loss.detach()
+
+
+def train_step(t: Trainer, micro_batches: list, all_reduce: bool = True) -> torch.Tensor:
+    """One optimizer step as train_one_epoch takes it, over grad_accum_steps micro-batches already on the
+    device; returns the step's mean loss (a tensor: reading it would wait for the device). all_reduce=False
+    skips the gradient all-reduce of the last micro-batch too (a benchmark's floor)."""
+    if len(micro_batches) != t.cfg.grad_accum_steps:
+        raise ValueError(f"{len(micro_batches)} micro-batches for grad_accum_steps={t.cfg.grad_accum_steps}")
+    autocast = autocast_context(t.env.device, t.cfg.precision)
+    loss = torch.zeros((), device=t.env.device)
+    for i, batch in enumerate(micro_batches):
+        loss += micro_step(t, batch, all_reduce and i == len(micro_batches) - 1, autocast) / len(micro_batches)
+    take_step(t)
+    return loss
+
+
+def take_step(t: Trainer) -> None:
+    """After the step's last backward: the optimizer step, the step count, the EMA."""
+    optimizer_step(t)
+    t.state.step += 1
+    if t.ema is not None:
+        t.ema.after_step(t.state.step)
 
 
 def optimizer_step(t: Trainer) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from dtrain.errors import EXIT_CONFIG, EXIT_INTERRUPTED
+
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # ImageFolder's
 
 
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     problem = argument_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.dst.exists():
         remove_partials(args.dst)
     todo, done = images_to_write(args.src, args.dst)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the images written so far are complete; run the same command again to finish",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     for source, reason in unreadable:
         print(f"unreadable (not copied): {source}: {reason}")
     print(f"done: {len(todo) - len(unreadable)} written, {done} already there, {len(unreadable)} unreadable")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtrain.dist import DistEnv, any_rank
+from dtrain.errors import EXIT_REQUEUE_ME, EXIT_STOPPED
 
 
 class StopRequest:
@@ -51,8 +52,8 @@ class StopRequest:
 
 # Exit code of a run that stopped and saved but could not requeue its Slurm job itself (no `scontrol`
 # where it runs, e.g. inside a container, or scontrol failed): the sbatch scripts requeue it from the
-# batch shell, which runs outside the container. 3 stays "stopped after saving, nothing more to do".
-REQUEUE_ME = 4
+# batch shell, which runs outside the container. EXIT_STOPPED stays "stopped after saving, nothing more to do".
+REQUEUE_ME = EXIT_REQUEUE_ME
 # Set by the torchrun-style sbatch scripts: torchrun turns a worker's exit code into 1, so rank 0 also
 # leaves its request in this file for the batch shell.
 REQUEUE_FILE_VAR = "DTRAIN_REQUEUE_FILE"
@@ -61,7 +62,7 @@ REQUEUE_FILE_VAR = "DTRAIN_REQUEUE_FILE"
 @dataclass
 class Requeue:
     line: str  # what happened, for the log
-    exit_code: int  # 3: done (requeued, or nothing to requeue); REQUEUE_ME: the batch script should requeue
+    exit_code: int  # EXIT_STOPPED: done (requeued, or nothing to requeue); REQUEUE_ME: the batch script should requeue
 
 
 def slurm_requeue_target(environ: Mapping[str, str]) -> str:
@@ -77,7 +78,7 @@ def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> Requeue:
     """Ask Slurm to requeue this job (it restarts later and resumes from last.pt)."""
     environ = os.environ if environ is None else environ
     if not environ.get("SLURM_JOB_ID"):
-        return Requeue("not in a Slurm job: nothing to requeue", 3)
+        return Requeue("not in a Slurm job: nothing to requeue", EXIT_STOPPED)
     target = slurm_requeue_target(environ)
     if environ.get("SLURM_HET_SIZE"):
         return _ask_batch_script(environ, f"heterogeneous Slurm job {target}: Slurm requeues only the whole job, "
@@ -90,11 +91,12 @@ def requeue_slurm_job(environ: Mapping[str, str] | None = None) -> Requeue:
     except (OSError, subprocess.SubprocessError) as e:
         return _ask_batch_script(environ, f"scontrol requeue {target} failed: {e}")
     if done.returncode == 0:
-        return Requeue(f"requeued Slurm job {target}", 3)
+        return Requeue(f"requeued Slurm job {target}", EXIT_STOPPED)
     why = (done.stderr or done.stdout).strip().splitlines()[-1] if (done.stderr or done.stdout).strip() else ""
     if "disabled" in why.lower():  # the job is not requeueable: the batch shell would be refused too
         return Requeue(f"Slurm job {target} was not requeued ({why}): it was submitted without --requeue (or the "
-                       "cluster sets JobRequeue=0); submit it again, with --requeue, and it resumes from last.pt", 3)
+                       "cluster sets JobRequeue=0); submit it again, with --requeue, and it resumes from last.pt",
+                       EXIT_STOPPED)
     return _ask_batch_script(environ, f"scontrol requeue {target} failed: {why}")
 
 
