@@ -3,10 +3,14 @@
     python bench/breakdown.py --out DIR [--steps 12 --warmup 3] key=value ...            # one process
     torchrun --standalone --nproc_per_node=2 bench/breakdown.py --out DIR key=value ...   # DDP
 
-An instrumented copy of the shared loop's step, built from the project's own pieces (config, dist.setup,
-the workload's Task, make_loaders, the mode's strategy, build_optimizer, the loop's autocast), so dtrain/loop.py
-stays free of timers. DDP overlaps the all-reduce with the backward pass: whatever part of it is not
-hidden shows up as a longer backward (and a rank that waits for a slower peer waits there too).
+The run is built by dtrain.build (the Trainer train.py trains: strategy, optimizer, scheduler, scaler, loaders
+with the workload's batch transform, repeated augmentation and length grouping) and each step is the loop's own
+(dtrain.loop.micro_step per micro-batch, then take_step: clipping, the non-finite check, the scaler, the
+scheduler, the EMA), with timers between the phases, so dtrain/loop.py stays free of timers. To time the phases
+on a GPU, the device is synchronized after each one, which the loop never does: the phases add up to a longer
+step than train.py's (the result says so in "phase_sync").
+DDP overlaps the all-reduce with the backward pass: whatever part of it is not hidden shows up as a longer
+backward (and a rank that waits for a slower peer waits there too).
 Under DDP, steps alternate between a normal one and one with the all-reduce skipped (no_sync), so the
 difference between the two is measured by the same processes in the same seconds: on a shared machine
 separate runs differ by more than the all-reduce costs. After the steps, a bare all-reduce of one
@@ -22,23 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+import torch.distributed as tdist
 
-import torch  # noqa: E402
-import torch.distributed as tdist  # noqa: E402
-
-from dtrain import dist  # noqa: E402
-from dtrain.config import load_config  # noqa: E402
-from dtrain.data import make_loaders, to_device  # noqa: E402
-from dtrain.loop import autocast_context, seed_everything  # noqa: E402
-from dtrain.optim import build_optimizer  # noqa: E402
-from dtrain.strategies import SingleDevice, build_strategy  # noqa: E402
-from dtrain.workloads import build_task  # noqa: E402
+from dtrain import dist
+from dtrain.build import built_trainer, offline_hub
+from dtrain.config import load_config
+from dtrain.data import to_device
+from dtrain.loop import autocast_context, micro_step, take_step
+from dtrain.strategies import SingleDevice
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -57,71 +57,70 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = load_config(None, args.overrides)
-    env = dist.setup(cfg)
-    try:
-        result = measure(cfg, env, args.warmup, args.steps, args.no_ddp)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"rank-{env.rank}.json").write_text(json.dumps(result, indent=1) + "\n")
-    finally:
-        dist.cleanup(env)
+    # The run's own output goes beside the results; nothing is resumed from an earlier one.
+    cfg = load_config(None, [f"output_dir={args.out / 'run'}", "resume=", "progress=false", *args.overrides])
+    with offline_hub():
+        env = dist.setup(cfg)
+        try:
+            result = measure(cfg, env, args.warmup, args.steps, args.no_ddp)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"rank-{env.rank}.json").write_text(json.dumps(result, indent=1) + "\n")
+        finally:
+            dist.cleanup(env)
 
 
 def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
-    seed_everything(cfg.seed, cfg.deterministic)
-    task = build_task(cfg, env)
     ddp = env.distributed and not no_ddp
-    # The loop's own set-up: the mode's strategy wraps the model (a plain copy per rank with --no-ddp).
-    strategy = build_strategy(cfg, env) if ddp else SingleDevice(cfg, env)
-    model = strategy.wrap(task.model, task.units(task.model))
-    raw_model = strategy.raw_model
-    optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
-    train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                            task.random_samples)
+    # The configured mode's strategy, or with --no-ddp a plain copy of the model per rank.
+    with built_trainer(cfg, env, None if ddp else SingleDevice(cfg, env)) as t:
+        return timed_steps(t, warmup, steps, ddp)
+
+
+def timed_steps(t, warmup: int, steps: int, ddp: bool) -> dict:
+    cfg, env = t.cfg, t.env
     # (name, skip the all-reduce): under DDP every other step skips it
     variants = [("ddp", False), ("ddp_no_allreduce", True)] if ddp else [("steps", False)]
     total = (warmup + steps) * len(variants)
-    if total > len(train_loader):
-        raise SystemExit(f"the loader has {len(train_loader)} batches; need {total} (warm-up + timed steps per variant)")
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+    if total * cfg.grad_accum_steps > len(t.train_loader):
+        raise SystemExit(f"the loader has {len(t.train_loader)} batches; need {total * cfg.grad_accum_steps} "
+                         "(warm-up + timed steps per variant, times grad_accum_steps)")
     autocast = autocast_context(env.device, cfg.precision)
-    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    sampler.start_epoch(0)
-    model.train()
-    batches = iter(train_loader)
+    on_gpu = env.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)  # CPU: nothing runs ahead, nothing to wait for
+    t.sampler.start_epoch(0)
+    t.model.train()
+    batches = iter(t.train_loader)
     times = {name: {phase: [] for phase in PHASES} for name, _ in variants}
     cpu = {name: [] for name, _ in variants}  # CPU time of the whole process (gloo's threads too) per step
     for step in range(total):
         name, skip_allreduce = variants[step % len(variants)]
         dist.barrier(env)  # every rank starts the step together: a slow peer does not leak into "data"
         t0, c0 = time.perf_counter(), time.process_time()
-        batch = to_device(next(batches), env.device)
+        micro_batches = [to_device(next(batches), env.device) for _ in range(cfg.grad_accum_steps)]
         sync()
         t1 = time.perf_counter()
-        # no_sync has to cover the forward pass too: DDP's forward prepares the backward all-reduce.
-        with strategy.no_sync(skip=skip_allreduce):
-            with autocast:
-                loss = task.train_loss(model, batch)
+        forward = backward = 0.0
+        for i, batch in enumerate(micro_batches):
+            marks = [time.perf_counter()]
+            last = i == len(micro_batches) - 1 and not skip_allreduce
+            micro_step(t, batch, last, autocast, after_forward=lambda: (sync(), marks.append(time.perf_counter())))
             sync()
-            t2 = time.perf_counter()
-            scaler.scale(loss).backward()
-            sync()
+            forward, backward = forward + marks[1] - marks[0], backward + time.perf_counter() - marks[1]
         t3 = time.perf_counter()
-        scaler.unscale_(optimizer)
-        bool(torch.isfinite(strategy.clip_grad_norm(cfg.optim.grad_clip)))  # the loop's finiteness check
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=strategy.zero_grad_to_none)  # as the loop does
+        take_step(t)
         sync()
         t4, c4 = time.perf_counter(), time.process_time()
         if step >= warmup * len(variants):
-            for phase, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
-                times[name][phase].append(1000 * (b - a))
+            for phase, seconds in zip(PHASES, (t1 - t0, forward, backward, t4 - t3)):
+                times[name][phase].append(1000 * seconds)
             cpu[name].append(1000 * (c4 - c0))
-    params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    params = sum(p.numel() for p in t.strategy.raw_model.parameters() if p.requires_grad)
     return {
         "rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(), "ddp": ddp,
-        "batch_size": cfg.batch_size, "parameters": params, "allreduce_ms": bare_allreduce_ms(params, env),
+        "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps, "parameters": params,
+        "allreduce_ms": bare_allreduce_ms(params, env),
+        "phase_sync": ("torch.cuda.synchronize after each phase (the loop has none: its steps overlap more)"
+                       if on_gpu else "none (CPU)"),
         "variants": {name: {"median_ms": {phase: statistics.median(v) for phase, v in phases.items()},
                             "median_step_ms": statistics.median(map(sum, zip(*phases.values()))),
                             "median_cpu_ms": statistics.median(cpu[name]), "steps_ms": phases, "cpu_ms": cpu[name]}

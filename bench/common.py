@@ -22,7 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
+
+from dtrain.processes import (OFFLINE_HUB, free_port, python_cmd, scrubbed_environ, torchrun_cmd,  # noqa: F401
+                              without_launcher_vars)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
@@ -45,32 +48,13 @@ PUBLISHED = {
 
 
 def child_env(threads: int, **extra: str) -> dict[str, str]:
-    """Environment of a measured job: no inherited launcher variables, fixed thread count, offline hubs."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_", "SLURM_",
-            "TORCHELASTIC")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    """Environment of a measured job: no inherited launcher variables, fixed thread count, offline hubs (for the
+    baseline scripts; a dtrain run sets them itself)."""
+    env = scrubbed_environ(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+                           TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    env.update(OFFLINE_HUB)
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a rendezvous that is not torchrun's own)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def python_cmd(script: Path | str, args: Sequence[str]) -> list[str]:
-    return [sys.executable, str(script), *args]
-
-
-def torchrun_cmd(nproc: int, script: Path | str, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(script), *args]
 
 
 class JobFailed(RuntimeError):

@@ -8,7 +8,7 @@
 - Bounded time: every process started here runs in a session of its own. `finish`, `wait_until` and the
   `run_*` helpers wait within a deadline; on a timeout (or, for `wait_until`, a process that ended too
   early) they kill every process of each session and fail the test with each process's last output lines.
-- Environments: `without_launcher_vars` is the one scrub of what torchrun, srun/sbatch and the launch/
+- Environments (from dtrain.processes, which bench/ uses too): `without_launcher_vars` is the one scrub of what torchrun, srun/sbatch and the launch/
   scripts read as "already launched" (RANK, WORLD_SIZE, MASTER_*, TORCHELASTIC_*, SLURM_*, NPROC, ...);
   `subprocess_env` adds unbuffered output and one thread per process.
 - A run's outputs: `read_metrics`, `records`, `losses`, `logged_steps`; `read_checkpoint`, `weights`,
@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
+from dtrain.processes import (LAUNCHER_VARS, free_port, python_cmd, scrubbed_environ, torchrun_cmd,  # noqa: F401
+                              without_launcher_vars)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -62,30 +64,9 @@ SYNTH = [*FAST, "data.synthetic=true", "data.synthetic_train_size=96", "data.syn
 # ---------------------------------------------------------------------------------------------
 # Environments
 
-# What torchrun, srun/sbatch/salloc and the launch/ scripts read (prefixes): a process that inherited
-# them from the test process would think it was already launched, or launch differently.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_", "TORCHELASTIC",
-                 "SLURM_", "SBATCH_", "SRUN_", "SALLOC_",
-                 "NNODES", "NPROC", "HEAD_", "RDZV_", "JOIN_TIMEOUT")
-
-
-def without_launcher_vars(environ) -> dict[str, str]:
-    """`environ` without any launcher variable (a test may itself run under torchrun or srun)."""
-    return {k: v for k, v in environ.items() if not k.startswith(LAUNCHER_VARS)}
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a process a test starts: this one's, scrubbed, unbuffered, one thread; then `extra`."""
-    env = without_launcher_vars(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return scrubbed_environ(OMP_NUM_THREADS="1", **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,9 +85,7 @@ def train_command(args: list[str], script: str = TRAIN, nproc: int = 0,
                   launcher_args: tuple[str, ...] = ()) -> list[str]:
     """`python SCRIPT ARGS` (nproc=0) or `python -m torch.distributed.run --standalone --nproc_per_node=N
     LAUNCHER_ARGS SCRIPT ARGS` (torchrun)."""
-    launcher = [] if nproc == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                                      *launcher_args]
-    return [sys.executable, *launcher, script, *args]
+    return python_cmd(script, args) if nproc == 0 else torchrun_cmd(nproc, script, args, launcher_args)
 
 
 def start(args: list[str], script: str = TRAIN, nproc: int = 0, launcher_args: tuple[str, ...] = (),

@@ -27,18 +27,15 @@ from dtrain.loop import (BackgroundSaves, NonfiniteWatch, autocast_context, eval
 from dtrain.metrics import RunLogger
 from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
 from dtrain.optim import build_optimizer, build_scheduler, warmup_steps
+from dtrain.processes import OFFLINE_HUB
 from dtrain.stopping import StopRequest
 from dtrain.strategies import Strategy, build_strategy
 from dtrain.trackers import start_trackers
 from dtrain.workloads import Task, build_task
 
-# Nothing is ever fetched from a model hub at run time: models and data come from local paths.
-OFFLINE_HUB = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
 @contextlib.contextmanager
 def offline_hub() -> Iterator[None]:
-    """The hub libraries work offline inside the block (a value the caller set wins); the caller's values
+    """The hub libraries work offline (OFFLINE_HUB) inside the block (a value the caller set wins); the caller's values
     come back after it."""
     from dtrain.launcher import restored_environ
 
