@@ -6,7 +6,7 @@ reference loader measured in the same run, beside the model's own images/s, for 
     python bench/data_pipeline.py --device cuda    # the model in bf16 + channels_last at the preset's batch
     python bench/data_pipeline.py --root /data/imagenet   # your own ImageFolder (train/<class>/*) instead
 
-Paths (each train.py's own training loader, dtrain.data.make_loaders + dtrain.workloads.image, with the
+Paths (each train.py's own training loader, dtrain.build.build_loaders + dtrain.workloads.image, with the
 recipe's per-sample transforms, collation and, for v2, MixUp/CutMix per batch):
 - `pil`: data.decode=pil (PIL decode and PIL transforms, as before this path existed);
 - `tensor`: data.decode=tensor (torchvision.io decode, the default);
@@ -110,21 +110,18 @@ def child_loader(preset: str, root: str, decode: str, batch: int) -> None:
 
 
 def project_loader(preset: str, root: str, decode: str, batch: int):
-    """train.py's training loader: dtrain.data.make_loaders with the image workload's dataset, collation and
-    MixUp/CutMix, as dtrain.workloads.image.build hands them over."""
+    """train.py's training loader: the image workload's task (dataset, collation, MixUp/CutMix, repeated
+    augmentation) and dtrain.build.build_loaders, as a run builds them."""
     import torch
 
+    from dtrain.build import build_loaders
     from dtrain.config import load_config
-    from dtrain.data import make_loaders
     from dtrain.dist import DistEnv
-    from dtrain.workloads import image
+    from dtrain.workloads import build_task
 
     cfg = load_config(preset, [f"data.root={root}", f"batch_size={batch}", "num_workers=0", f"data.decode={decode}"])
     env = DistEnv(mode="single", device=torch.device("cpu"))
-    train_set, val_set = image.image_folders(cfg.data)
-    loader, sampler, _ = make_loaders(train_set, val_set, image.collate_skipping_bad, cfg, env, True,
-                                      batch_transform=image.mixup_cutmix(cfg.data, len(train_set.classes)),
-                                      ra_reps=cfg.data.ra_reps)
+    loader, sampler, _ = build_loaders(cfg, env, build_task(cfg, env))
     return loader, sampler.start_epoch
 
 

@@ -8,7 +8,8 @@ Separate runs on a shared machine differ by more than most DDP options change. S
 copy of the same model (same weights) per variant, in one torchrun job, and takes the steps round-robin
 through the variants, the order reversed every round: every variant sees the same load. The variant
 "all-reduce skipped" (the first variant's copy, no_sync around forward and backward) is the floor: the
-step without communication.
+step without communication. Each copy is a Trainer built by dtrain.build with its variant's config, and a
+step is dtrain.loop.train_step: the optimizer step train.py takes (clipping, non-finite check, scheduler).
 A variant is a label and the project's ddp.* config keys (see `python train.py --help`).
 Writes bench/results/<date>-ddp-options-<device>.json (+ .md).
 """
@@ -16,6 +17,7 @@ Writes bench/results/<date>-ddp-options-<device>.json (+ .md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,21 +25,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from cases import ImageCase
+from common import DEFAULT_RESULTS, child_env, fresh_dir, machine_info, print_table, run_job, torchrun_cmd, write_json
+from scaling import gpu_count
 
-import torch  # noqa: E402
-from cases import ImageCase  # noqa: E402
-from common import (DEFAULT_RESULTS, child_env, fresh_dir, machine_info, print_table, run_job,  # noqa: E402
-                    torchrun_cmd, write_json)
-from scaling import gpu_count  # noqa: E402
-
-from dtrain import dist  # noqa: E402
-from dtrain.config import load_config  # noqa: E402
-from dtrain.data import make_loaders, to_device  # noqa: E402
-from dtrain.loop import autocast_context, seed_everything  # noqa: E402
-from dtrain.optim import build_optimizer  # noqa: E402
-from dtrain.strategies import build_strategy  # noqa: E402
-from dtrain.workloads import build_task  # noqa: E402
+from dtrain import dist
+from dtrain.build import built_trainer, offline_hub
+from dtrain.config import load_config
+from dtrain.data import to_device
+from dtrain.loop import train_step
 
 SKIPPED = "all-reduce skipped"
 DEFAULT_VARIANTS = [
@@ -125,57 +122,47 @@ def report(case: ImageCase, nproc: int, rounds: int, per_rank: list[dict]) -> tu
 
 
 def worker(args) -> int:
-    """One rank of the torchrun job: a wrapped copy of the model per variant, stepped round-robin."""
+    """One rank of the torchrun job: a Trainer per variant (the same seed: the same weights), stepped round-robin."""
     variants = variants_of(args)
     steps = (args.warmup + args.rounds) * (len(variants) + 1)
     case = replace(case_of(args), steps=steps)
-    base = case.project_args(args.worker, processes=int(os.environ["WORLD_SIZE"]))
-    configs = {label: load_config(None, base + keys) for label, keys in variants.items()}
-    first = next(iter(configs.values()))
-    env = dist.setup(first)
-    try:
-        models = {}
-        for label, cfg in configs.items():  # the same seed: every variant starts from the same weights
-            seed_everything(cfg.seed, cfg.deterministic)
-            task = build_task(cfg, env)
-            strategy = build_strategy(cfg, env)  # the loop's own wrapping, with this variant's ddp.* keys
-            strategy.wrap(task.model, task.units(task.model))
-            models[label] = (strategy, task, build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay))
-        models[SKIPPED] = next(iter(models.values()))  # the first variant's copy, its all-reduce skipped
-        task = models[SKIPPED][1]
-        loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, first, env,
-                                          task.random_samples)
-        times = round_robin(models, loader, sampler, env, args)
-        args.worker.mkdir(parents=True, exist_ok=True)
-        (args.worker / f"rank-{env.rank}.json").write_text(json.dumps({"rank": env.rank, "steps_ms": times}) + "\n")
-    finally:
-        dist.cleanup(env)
+    processes = int(os.environ["WORLD_SIZE"])
+    configs = {label: load_config(None, case.project_args(args.worker / f"variant{i}", processes=processes)
+                                  + ["resume="] + keys)
+               for i, (label, keys) in enumerate(variants.items())}
+    with offline_hub():
+        env = dist.setup(next(iter(configs.values())))
+        try:
+            with contextlib.ExitStack() as trainers:
+                built = {label: trainers.enter_context(built_trainer(cfg, env)) for label, cfg in configs.items()}
+                built[SKIPPED] = next(iter(built.values()))  # the first variant's copy, its all-reduce skipped
+                times = round_robin(built, env, args)
+            args.worker.mkdir(parents=True, exist_ok=True)
+            (args.worker / f"rank-{env.rank}.json").write_text(json.dumps({"rank": env.rank, "steps_ms": times})
+                                                               + "\n")
+        finally:
+            dist.cleanup(env)
     return 0
 
 
-def round_robin(models: dict, loader, sampler, env, args) -> dict[str, list[float]]:
-    """Step every variant once per round, the order reversed every other round; ms per timed step."""
+def round_robin(trainers: dict, env, args) -> dict[str, list[float]]:
+    """Step every variant once per round, the order reversed every other round; ms per timed step. The batches
+    come from the first variant's loader (the same data for all), outside the timed part."""
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    autocast = autocast_context(env.device, next(iter(models.values()))[0].cfg.precision)
-    sampler.start_epoch(0)
-    batches = iter(loader)
-    names = list(models)
+    first = next(iter(trainers.values()))
+    first.sampler.start_epoch(0)
+    batches = iter(first.train_loader)
+    names = list(trainers)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(args.warmup + args.rounds):
         for name in names if rnd % 2 == 0 else names[::-1]:
-            strategy, task, optimizer = models[name]
-            model = strategy.model
-            model.train()
-            batch = to_device(next(batches), env.device)  # outside the timed part: data is not the question here
+            t = trainers[name]
+            t.model.train()
+            batch = to_device(next(batches), env.device)
             dist.barrier(env)
             sync()
             t0 = time.perf_counter()
-            with strategy.no_sync(skip=name == SKIPPED):
-                with autocast:
-                    loss = task.train_loss(model, batch)
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=strategy.zero_grad_to_none)
+            train_step(t, [batch], all_reduce=name != SKIPPED)
             sync()
             if rnd >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - t0))

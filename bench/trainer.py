@@ -4,9 +4,9 @@
     python bench/trainer.py --quick          # smoke run
     python bench/trainer.py --device cuda    # the same on one GPU
 
-Both sides train on the demo's training split (written once to a CSV in the order the project's seeded
-split gives it), tokenized the same way (truncation to 64 tokens, padding per batch), batch 16, one
-process, the same thread count. Four sides, their order rotated every repetition:
+Both sides train on the demo's training split (written once to a CSV in the order the workload's own seeded
+split gives it: dtrain.workloads.bert.split_rows with the shipped config), tokenized the same way (truncation
+to the config's 64 tokens, padding per batch), the config's batch 16, one process, the same thread count. Four sides, their order rotated every repetition:
 
 - project, shipped config: `train.py --config configs/bert/minilm_rotten_tomatoes.yaml` as it is, only
   paths, step count and logging overridden (a 64-row validation file keeps the final evaluation short);
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Setup:
     """Data files, settings and the four sides' commands, from one description."""
 
-    batch, max_length, log_every, warmup_windows, seed = 16, 64, 2, 3, 0
+    log_every, warmup_windows = 2, 3
 
     def __init__(self, args, work: Path):
         from dtrain.config import load_config
@@ -64,8 +64,10 @@ class Setup:
         self.steps = args.steps or (8 if args.quick else 36)
         self.warmup_windows = 1 if args.quick else self.warmup_windows
         self.threads = args.threads or (usable_cores() if args.device == "cuda" else 1)
-        self.config = load_config(str(CONFIG), [])
-        self.model_dir, self.train_file, self.val_file, self.lengths = write_data(work / "data", self.seed)
+        self.config = load_config(str(CONFIG), [])  # the shipped config's batch, sequence length and seed
+        self.batch, self.max_length, self.seed = (self.config.batch_size, self.config.model.max_length,
+                                                  self.config.seed)
+        self.model_dir, self.train_file, self.val_file, self.lengths = write_data(work / "data")
 
     def project(self, run_dir: Path, *extra: str) -> list[str]:
         return python_cmd(RUN_PROJECT, [
@@ -104,27 +106,27 @@ class Setup:
                 f"seq <= {self.max_length}, batch {self.batch}, {self.steps} steps, {self.threads} thread(s)")
 
 
-def write_data(target: Path, seed: int) -> tuple[str, Path, Path, list[int]]:
-    """The demo's data as the project splits it: the training rows (label ids) and 64 validation rows.
-
-    Returns the model directory, the two files and every training row's token count.
-    """
+def write_data(target: Path) -> tuple[str, Path, Path, list[int]]:
+    """The demo's data as the shipped config splits it (the workload's own seeded split): the training rows
+    (label ids) and 64 validation rows. Returns the model directory, the two files and every training row's
+    token count."""
     import csv
 
     import datasets
     from transformers import AutoTokenizer
 
+    from dtrain.config import load_config
     from dtrain.demo_data import write_rotten_tomatoes
+    from dtrain.workloads import bert
 
     datasets.disable_progress_bars()
     write_rotten_tomatoes(target)
+    cfg = load_config(str(CONFIG), [f"data.train_files={target / 'reviews.csv'}", "data.validation_files=",
+                                    f"data.cache_dir={target / 'cache'}"])
+    train, val = bert.split_rows(cfg)
     names = ["rotten", "fresh"]
-    rows = datasets.load_dataset("csv", data_files=str(target / "reviews.csv"), split="train",
-                                 cache_dir=str(target / "cache"))
-    parts = rows.train_test_split(test_size=0.2, seed=seed)  # what the config's validation_fraction does
     files = []
-    for split, name, count in (("train", "train.csv", None), ("test", "val64.csv", 64)):
-        part = parts[split] if count is None else parts[split].select(range(count))
+    for part, name in ((train, "train.csv"), (val.select(range(64)), "val64.csv")):
         with open(target / name, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["text", "label"])
@@ -132,7 +134,7 @@ def write_data(target: Path, seed: int) -> tuple[str, Path, Path, list[int]]:
         files.append(target / name)
     model_dir = str(target / "all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [len(ids) for ids in tokenizer(list(parts["train"]["text"]), truncation=True, max_length=Setup.max_length)
+    lengths = [len(ids) for ids in tokenizer(list(train["text"]), truncation=True, max_length=cfg.model.max_length)
                ["input_ids"]]
     return model_dir, files[0], files[1], lengths
 

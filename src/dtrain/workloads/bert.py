@@ -367,15 +367,7 @@ class EncodedData:
 def prepare_data(cfg: Config, tokenizer) -> EncodedData:
     data: BertDataConfig = cfg.data
     multi = cfg.model.problem_type == "multi_label"
-    train = drop_rows(read_files(data.train_files, "data.train_files", data), data, multi)
-    if data.validation_files:
-        val = drop_rows(read_files(data.validation_files, "data.validation_files", data), data, multi)
-    else:
-        parts = train.train_test_split(test_size=data.validation_fraction, seed=cfg.seed)
-        train, val = parts["train"], parts["test"]
-    if data.max_train_samples and data.max_train_samples < len(train):
-        chosen = random.Random(cfg.seed).sample(range(len(train)), data.max_train_samples)
-        train = train.select(sorted(chosen))
+    train, val = split_rows(cfg)
     for ds, split in ((train, "train"), (val, "validation")):
         if len(ds) == 0:
             raise UserError(f"the {split} split has no rows left (check the files, data.drop_labels and "
@@ -386,6 +378,23 @@ def prepare_data(cfg: Config, tokenizer) -> EncodedData:
     check_labels(train_labels, space, data, "train")
     check_labels(val_labels, space, data, "validation")
     return EncodedData(tokenize(train, tokenizer, space, cfg), tokenize(val, tokenizer, space, cfg), space)
+
+
+def split_rows(cfg: Config):
+    """The training and validation rows (datasets.Dataset, untokenized) a run trains and evaluates on: the
+    validation files, or the seeded validation_fraction of the training files; then max_train_samples."""
+    data: BertDataConfig = cfg.data
+    multi = cfg.model.problem_type == "multi_label"
+    train = drop_rows(read_files(data.train_files, "data.train_files", data), data, multi)
+    if data.validation_files:
+        val = drop_rows(read_files(data.validation_files, "data.validation_files", data), data, multi)
+    else:
+        parts = train.train_test_split(test_size=data.validation_fraction, seed=cfg.seed)
+        train, val = parts["train"], parts["test"]
+    if data.max_train_samples and data.max_train_samples < len(train):
+        chosen = random.Random(cfg.seed).sample(range(len(train)), data.max_train_samples)
+        train = train.select(sorted(chosen))
+    return train, val
 
 
 def read_files(files: list[str], key: str, data: BertDataConfig):
