@@ -116,7 +116,7 @@ def test_the_norm_of_fsdp_shards_and_their_clipping_equal_torchs():
 
 
 def test_cudnn_times_its_algorithms_unless_the_run_is_deterministic():
-    from dtrain.loop import seed_everything
+    from dtrain.build import seed_everything
 
     before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     try:
