@@ -6,7 +6,8 @@
 
 Both sides train on the demo's training split (written once to a CSV in the order the workload's own seeded
 split gives it: dtrain.workloads.bert.split_rows with the shipped config), tokenized the same way (truncation
-to the config's 64 tokens, padding per batch), the config's batch 16, one process, the same thread count. Four sides, their order rotated every repetition:
+to the config's 64 tokens, padding per batch), the config's batch 16, one process, the same thread count.
+Four sides, their order rotated every repetition:
 
 - project, shipped config: `train.py --config configs/bert/minilm_rotten_tomatoes.yaml` as it is, only
   paths, step count and logging overridden (a 64-row validation file keeps the final evaluation short);

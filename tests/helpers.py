@@ -8,8 +8,9 @@
 - Bounded time: every process started here runs in a session of its own. `finish`, `wait_until` and the
   `run_*` helpers wait within a deadline; on a timeout (or, for `wait_until`, a process that ended too
   early) they kill every process of each session and fail the test with each process's last output lines.
-- Environments (from dtrain.processes, which bench/ uses too): `without_launcher_vars` is the one scrub of what torchrun, srun/sbatch and the launch/
-  scripts read as "already launched" (RANK, WORLD_SIZE, MASTER_*, TORCHELASTIC_*, SLURM_*, NPROC, ...);
+- Environments (dtrain.processes, which bench/ uses too): `without_launcher_vars` is the one scrub of what
+  torchrun, srun/sbatch and the launch/ scripts read as "already launched" (RANK, WORLD_SIZE, MASTER_*,
+  TORCHELASTIC_*, SLURM_*, NPROC, ...);
   `subprocess_env` adds unbuffered output and one thread per process.
 - A run's outputs: `read_metrics`, `records`, `losses`, `logged_steps`; `read_checkpoint`, `weights`,
   `max_difference`, `assert_same_run`. Error output: `error_lines`, `assert_one_clear_error`.

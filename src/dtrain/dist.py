@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import Config
-from dtrain.errors import UserError
+from dtrain.errors import EXIT_ERROR, UserError
 
 
 @dataclass(frozen=True)
@@ -245,14 +245,14 @@ JOIN_GRACE_S = 10.0  # torch's own rendezvous timeout (timeout_s) reports first,
 
 @contextlib.contextmanager
 def deadline(seconds: float, message: str, rank: int):
-    """End this process with one error line (exit 1) if the block is still running after `seconds`.
+    """End this process with one error line (EXIT_ERROR) if the block is still running after `seconds`.
 
     For waits that nothing inside torch times out. os._exit, because the stuck call holds the main
     thread: no exception can reach it.
     """
     def give_up() -> None:
         print(f"error [rank {rank}]: {message}", file=sys.stderr, flush=True)
-        os._exit(1)
+        os._exit(EXIT_ERROR)
 
     timer = threading.Timer(seconds, give_up)
     timer.daemon = True

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dtrain.config import Config
-from dtrain.errors import ConfigError
+from dtrain.errors import EXIT_DONE, EXIT_ERROR, ConfigError
 
 OUTCOME_DIR = "DTRAIN_OUTCOME_DIR"  # in the workers' environment: where rank 0 leaves its outcome
 LAUNCHER_KEYS = ("nproc", "max_restarts")  # meant for the launching process, not for the workers
@@ -45,8 +45,8 @@ FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 @dataclass
 class Outcome:
-    exit_code: int  # as train.py documents them: 0 done, 1 error, 3 stopped after saving, 130 Ctrl-C, ...
-    metrics: dict[str, float] | None = None  # rank 0's final metrics when exit_code is 0
+    exit_code: int  # train.py's: dtrain.errors.EXIT_DONE, EXIT_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED, ...
+    metrics: dict[str, float] | None = None  # rank 0's final metrics when exit_code is EXIT_DONE
     message: str = ""  # a failure no worker could report itself (one was killed by a signal)
     worker_error: str = ""  # a worker's own error line, when its output went through this process (stream_to_caller)
 
@@ -105,7 +105,7 @@ def launch(cfg: Config, script: str, args: list[str], stream_to_caller: bool = F
             return outcome
         except SignalException as error:
             return _signalled(error, tmp)
-        return Outcome(0, metrics=_handed_back(tmp, "metrics"))
+        return Outcome(EXIT_DONE, metrics=_handed_back(tmp, "metrics"))
 
 
 def _failed(error, cfg: Config) -> Outcome:
@@ -121,15 +121,16 @@ def _failed(error, cfg: Config) -> Outcome:
     if failure.exitcode > 0:  # it left through train.py's exit path, which printed its error (or stop) line
         return Outcome(failure.exitcode)
     restarts = f" (no restart left of max_restarts={cfg.max_restarts})" if cfg.max_restarts else ""
-    return Outcome(1, message=f"rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}{restarts}; "
-                              "the other workers were stopped (resume=auto continues from the last checkpoint)")
+    return Outcome(EXIT_ERROR, message=f"rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}"
+                                       f"{restarts}; the other workers were stopped (resume=auto continues from the "
+                                       "last checkpoint)")
 
 
 def _signalled(error, tmp: str) -> Outcome:
     """This process got a signal; the agent forwarded it to every worker, waited for them, then raised."""
     code = _handed_back(tmp, "exit_code")
-    if code is not None:  # rank 0 left through train.py's exit path and printed how (3: every rank saved)
-        return Outcome(code, metrics=_handed_back(tmp, "metrics") if code == 0 else None)
+    if code is not None:  # rank 0 left through train.py's exit path and printed how (EXIT_STOPPED: every rank saved)
+        return Outcome(code, metrics=_handed_back(tmp, "metrics") if code == EXIT_DONE else None)
     name = signal.Signals(error.sigval).name
     return Outcome(128 + error.sigval, message=f"{name}: the workers ended without saving a checkpoint "
                                                "(resume=auto continues from the last one)")
