@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, TRAIN, child_env, free_port
+from common import ROOT, TRAIN, child_env, free_port, torchrun_cmd
 
 # A few DDP steps of a small model on synthetic images, with an evaluation and a checkpoint: every
 # collective the loop uses runs at least once, and the job takes seconds.
@@ -80,8 +80,7 @@ def collect(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int | N
 
 
 def run_torchrun(out: Path, case: str, timeout: float) -> tuple[bool, str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(TRAIN), *job_args(out, case)]
+    cmd = torchrun_cmd(2, TRAIN, job_args(out, case))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     if case == "stop":
