@@ -3,6 +3,7 @@ loop's own step, so what they time is what train.py runs."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from helpers import ROOT, env_of
 
 from dtrain import loop
-from dtrain.build import built_trainer
+from dtrain.build import built_trainer, run_job
+from dtrain.processes import OFFLINE_HUB
 from dtrain.config import load_config
 from dtrain.data import to_device
 from dtrain.workloads import Task
@@ -59,3 +61,20 @@ def test_train_step_is_the_step_the_loop_takes(tmp_path):
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
     assert not torch.equal(a.model.weight, linear_task(0).model.weight)  # the steps did change the weights
+
+
+def test_a_job_runs_offline_and_gives_the_callers_environment_back(tmp_path, monkeypatch):
+    """run_job (dtrain.train(), and train.py through the same Job): the hub variables are set while the run
+    builds and trains, and as the caller had them afterwards."""
+    for name in OFFLINE_HUB:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    task = linear_task(0)
+    plain_loss = task.train_loss
+    task.train_loss = lambda m, b: seen.append({name: os.environ.get(name) for name in OFFLINE_HUB}) or plain_loss(m, b)
+    cfg = load_config(None, ["batch_size=4", "num_workers=0", "progress=false", "epochs=1", "resume=",
+                             f"output_dir={tmp_path}"])
+    metrics = run_job(cfg, task=task)
+    assert metrics["samples"] == 4 and len(seen) == 1 + 4  # the FLOP count's forward, then 16 samples by 4
+    assert all(values == OFFLINE_HUB for values in seen)
+    assert not any(name in os.environ for name in OFFLINE_HUB)

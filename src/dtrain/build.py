@@ -33,10 +33,12 @@ from dtrain.strategies import Strategy, build_strategy
 from dtrain.trackers import start_trackers
 from dtrain.workloads import Task, build_task
 
+
 @contextlib.contextmanager
 def offline_hub() -> Iterator[None]:
-    """The hub libraries work offline (OFFLINE_HUB) inside the block (a value the caller set wins); the caller's values
-    come back after it."""
+    """The hub libraries work offline (OFFLINE_HUB) inside the block, unless the caller set the variables; the
+    caller's values come back after it. The libraries read them when first imported: dtrain imports them only
+    while it builds a workload, inside the block."""
     from dtrain.launcher import restored_environ
 
     with restored_environ(*OFFLINE_HUB):
