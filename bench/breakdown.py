@@ -76,8 +76,7 @@ def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
     model = strategy.wrap(task.model, task.units(task.model))
     raw_model = strategy.raw_model
     optimizer = build_optimizer(raw_model, cfg.optim, task.is_no_decay)
-    train_loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                            task.random_samples)
+    train_loader, sampler, _ = make_loaders(task, cfg, env)
     # (name, skip the all-reduce): under DDP every other step skips it
     variants = [("ddp", False), ("ddp_no_allreduce", True)] if ddp else [("steps", False)]
     total = (warmup + steps) * len(variants)

@@ -110,21 +110,18 @@ def child_loader(preset: str, root: str, decode: str, batch: int) -> None:
 
 
 def project_loader(preset: str, root: str, decode: str, batch: int):
-    """train.py's training loader: dtrain.data.make_loaders with the image workload's dataset, collation and
-    MixUp/CutMix, as dtrain.workloads.image.build hands them over."""
+    """train.py's training loader: dtrain.data.make_loaders over the task dtrain.workloads.image.build returns
+    (its dataset, collation, MixUp/CutMix and repeated augmentation)."""
     import torch
 
     from dtrain.config import load_config
     from dtrain.data import make_loaders
     from dtrain.dist import DistEnv
-    from dtrain.workloads import image
+    from dtrain.workloads import build_task
 
     cfg = load_config(preset, [f"data.root={root}", f"batch_size={batch}", "num_workers=0", f"data.decode={decode}"])
     env = DistEnv(mode="single", device=torch.device("cpu"))
-    train_set, val_set = image.image_folders(cfg.data)
-    loader, sampler, _ = make_loaders(train_set, val_set, image.collate_skipping_bad, cfg, env, True,
-                                      batch_transform=image.mixup_cutmix(cfg.data, len(train_set.classes)),
-                                      ra_reps=cfg.data.ra_reps)
+    loader, sampler, _ = make_loaders(build_task(cfg, env), cfg, env)
     return loader, sampler.start_epoch
 
 

@@ -143,8 +143,7 @@ def worker(args) -> int:
             models[label] = (strategy, task, build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay))
         models[SKIPPED] = next(iter(models.values()))  # the first variant's copy, its all-reduce skipped
         task = models[SKIPPED][1]
-        loader, sampler, _ = make_loaders(task.train_set, task.val_set, task.collate_fn, first, env,
-                                          task.random_samples)
+        loader, sampler, _ = make_loaders(task, first, env)
         times = round_robin(models, loader, sampler, env, args)
         args.worker.mkdir(parents=True, exist_ok=True)
         (args.worker / f"rank-{env.rank}.json").write_text(json.dumps({"rank": env.rank, "steps_ms": times}) + "\n")

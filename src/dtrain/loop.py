@@ -166,9 +166,7 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
     model = strategy.wrap(task.model, task.units(task.model))
     optimizer = build_optimizer(strategy.raw_model, cfg.optim, task.is_no_decay, task.is_head,
                                 say=lambda msg: print(msg, flush=True) if env.is_main else None)
-    train_loader, sampler, val_loader = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                                     task.random_samples, batch_transform=task.batch_transform,
-                                                     ra_reps=task.ra_reps, lengths=task.lengths)
+    train_loader, sampler, val_loader = make_loaders(task, cfg, env)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(task.train_set)} samples) gives no full optimizer step of "
