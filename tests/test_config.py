@@ -137,3 +137,11 @@ def test_unreadable_config_files_are_one_line_with_the_place(tmp_path, content, 
     proc = run_train(["--config", str(path)])
     assert proc.returncode == 2
     assert_one_clear_error(proc, str(path), *needles)
+
+
+def test_a_setting_the_launch_cannot_run_exits_2_with_one_line(tmp_path):
+    """Found by the run, not the loader (it needs the launch), but the fix is a key: the same exit code as
+    any config mistake (docs/checkpoints.md, the table of exit codes)."""
+    proc = run_train(["mode=ddp", f"output_dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert_one_clear_error(proc, "mode=ddp needs a launcher")

@@ -452,6 +452,19 @@ and in every checkpoint.
 What the keys do in context: [execution modes](modes.md), [checkpoints and failures](checkpoints.md),
 [image workload](image.md), [BERT workload](bert.md), [observability](observability.md),
 [performance switches](performance.md#switches-to-use-on-gpus).
+
+**Adding a workload** is one module and one registration line. The module declares the workload's `model`
+and `data` sections: dataclasses subclassing `dtrain.sections.ModelSection` and `DataSection`, every key
+written `opt(default, help)`, each section's `check()` raising `ConfigError` for a value its type cannot rule
+out; optionally a `check(model, data)` for what the two must agree on; and a builder `build(cfg, env) -> Task`
+(the model, the data sets, the loss and metric sums the loop asks for: `src/dtrain/workloads/task.py`). The
+line is an entry of `WORKLOADS` in `src/dtrain/workloads/__init__.py`, or `register(name, Workload(...))` in
+your own script before `dtrain.train()`; `workload=name`, `--help` and this page then list its keys. Checks
+that need the run (files, the model directory, world size, device) belong in the builder or where the run
+learns them, with the [exit codes](checkpoints.md#stop-signals-and-exit-codes) there. The built-in workloads
+keep their sections in torch-free modules (`image_config.py`, `bert_config.py`) and name their builders as
+`"module:function"`, so config mistakes and `--help` are answered before torch is imported;
+`tests/tiny_workload.py` is a whole workload in one file, trained under torchrun by `tests/test_workloads.py`.
 """
 
 
