@@ -457,9 +457,10 @@ What the keys do in context: [execution modes](modes.md), [checkpoints and failu
 and `data` sections: dataclasses subclassing `dtrain.sections.ModelSection` and `DataSection`, every key
 written `opt(default, help)`, each section's `check()` raising `ConfigError` for a value its type cannot rule
 out; optionally a `check(model, data)` for what the two must agree on; and a builder `build(cfg, env) -> Task`
-(the model, the data sets, the loss and metric sums the loop asks for: `src/dtrain/workloads/task.py`). The
-line is an entry of `WORKLOADS` in `src/dtrain/workloads/__init__.py`, or `register(name, Workload(...))` in
-your own script before `dtrain.train()`; `workload=name`, `--help` and this page then list its keys. Checks
+(the model, the data sets, the loss and metric sums the loop asks for: `src/dtrain/workloads/task.py`);
+optionally an exporter for `python -m dtrain.export`. The line is an entry of `WORKLOADS` in
+`src/dtrain/workloads/__init__.py`, or `register(name, Workload(...))` in your own script before
+`dtrain.train()`; `workload=name`, `--help` and this page then list its keys. Checks
 that need the run (files, the model directory, world size, device) belong in the builder or where the run
 learns them, with the [exit codes](checkpoints.md#stop-signals-and-exit-codes) there. The built-in workloads
 keep their sections in torch-free modules (`image_config.py`, `bert_config.py`) and name their builders as

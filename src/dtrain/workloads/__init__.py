@@ -1,7 +1,8 @@
 """The workload registry: what can be trained, by name (the config key ``workload``).
 
 A workload declares its two config sections (``model`` and ``data``: dataclasses that check their
-own values), what the two must agree on, and a builder ``(cfg, env) -> Task`` (dtrain.workloads.task).
+own values), what the two must agree on, a builder ``(cfg, env) -> Task`` (dtrain.workloads.task) and,
+optionally, how ``python -m dtrain.export`` writes its model for its own library.
 Adding one is its module plus one line in WORKLOADS (or a ``register`` call from a script of your own):
 the config key ``workload``, ``--help``, docs/configuration.md and the loop all read this dict.
 
@@ -29,18 +30,29 @@ class Workload:
     build: str | Callable[[Any, Any], "Task"]  # (cfg, env) -> Task, or "module:function" naming it
     # (model section, data section) -> None, ConfigError when they disagree; each section checks itself first
     check: Callable[[Any, Any], None] | None = None
+    # python -m dtrain.export: (dtrain.checkpoint.Checkpoint, output path) -> what it wrote; None = no export
+    export: str | Callable[[Any, Any], Any] | None = None
 
     def builder(self) -> Callable[[Any, Any], "Task"]:
-        if callable(self.build):
-            return self.build
-        module, _, name = self.build.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return resolve(self.build)
+
+    def exporter(self) -> Callable[[Any, Any], Any] | None:
+        return None if self.export is None else resolve(self.export)
+
+
+def resolve(function: str | Callable) -> Callable:
+    """A function, or the one a "module:function" string names (imported now)."""
+    if callable(function):
+        return function
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 WORKLOADS: dict[str, Workload] = {
-    "image": Workload(image_config.ImageModelConfig, image_config.ImageDataConfig, "dtrain.workloads.image:build"),
+    "image": Workload(image_config.ImageModelConfig, image_config.ImageDataConfig, "dtrain.workloads.image:build",
+                      export="dtrain.export:write_safetensors"),
     "bert": Workload(bert_config.BertModelConfig, bert_config.BertDataConfig, "dtrain.workloads.bert:build",
-                     bert_config.check),
+                     bert_config.check, export="dtrain.export:export_bert"),
 }
 
 
