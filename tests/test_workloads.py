@@ -23,7 +23,6 @@ BERT_PRESET = ["--config", "configs/bert/minilm_rotten_tomatoes.yaml"]
 @pytest.fixture
 def tiny(monkeypatch):
     """The tiny workload registered in this process for one test (the registry is a plain dict)."""
-    sys.path.insert(0, str(TESTS))
     from tiny_workload import TINY
 
     monkeypatch.setitem(WORKLOADS, "tiny", TINY)
