@@ -79,7 +79,8 @@ def write_checkpoints(work: Path) -> dict[str, float]:
     state = model.state_dict()
     optim = {"state": {n: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                        for n, p in model.named_parameters()}, "param_groups": [{"lr": 1e-4, "params": []}]}
-    cfg = load_config(None, ["workload=bert", f"model.name_or_path={model_dir}"])
+    # data.train_files is not read: this config only rides in the checkpoint
+    cfg = load_config(None, ["workload=bert", f"model.name_or_path={model_dir}", "data.train_files=train.csv"])
     meta = {"format_version": ckpt.FORMAT_VERSION, "scheduler": {}, "scaler": {}, "state": {}, "config": to_dict(cfg),
             "identity": {"workload": "bert", "labels": ["neg", "pos"], "num_labels": 2}}
     torch.save({**meta, "model": state, "optimizer": optim}, work / "single.pt")

@@ -232,9 +232,8 @@ def test_grouping_by_length_pads_less_and_evaluates_every_example(ws: Path, tmp_
     for grouping in ("true", "false"):
         cfg = in_process_config(ws, tmp_path, *varied(ws), "batch_size=8", f"data.group_by_length={grouping}")
         task = bert.build(cfg, env)
-        assert (task.lengths is not None) == (grouping == "true")
-        train, sampler, val = make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env,
-                                           task.random_samples, lengths=task.lengths)
+        assert (task.loading.lengths is not None) == (grouping == "true")
+        train, sampler, val = make_loaders(task, cfg, env)
         sampler.start_epoch(0)
         batches = list(train)
         pads = sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(len(b["labels"]) for b in batches)

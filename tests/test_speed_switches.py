@@ -245,13 +245,16 @@ def test_loader_switches():
     from dtrain.data import make_loaders
     from dtrain.dist import DistEnv
     from dtrain.workloads.image import SyntheticImages
+    from dtrain.workloads.task import Task
 
     data = SyntheticImages(16, 10, 8, seed=0)
+    task = Task(model=torch.nn.Identity(), train_set=data, val_set=data, train_loss=None, eval_sums=None,
+                summarize=None)
     cpu, gpu = DistEnv(mode="single", device=torch.device("cpu")), DistEnv(mode="single", device=torch.device("cuda", 0))
-    train_loader, _, val_loader = make_loaders(data, data, None, load_config(None, ["num_workers=2"]), cpu)
+    train_loader, _, val_loader = make_loaders(task, load_config(None, ["num_workers=2"]), cpu)
     for loader in (train_loader, val_loader):
         assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor, loader.pin_memory) == \
                (2, True, 4, False)
-    assert make_loaders(data, data, None, load_config(None, ["num_workers=2"]), gpu)[0].pin_memory
-    no_workers = make_loaders(data, data, None, load_config(None, ["num_workers=0"]), cpu)[0]
+    assert make_loaders(task, load_config(None, ["num_workers=2"]), gpu)[0].pin_memory
+    no_workers = make_loaders(task, load_config(None, ["num_workers=0"]), cpu)[0]
     assert (no_workers.persistent_workers, no_workers.prefetch_factor) == (False, None)

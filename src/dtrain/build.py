@@ -20,7 +20,7 @@ from dtrain.config import Config, save_config
 from dtrain.data import ResumableSampler, make_loaders, to_device
 from dtrain.dist import DistEnv, agree_on_failure, barrier
 from dtrain.ema import ModelEMA
-from dtrain.errors import UserError
+from dtrain.errors import ConfigError, UserError
 from dtrain.ledger import SampleLedger, truncate_after
 from dtrain.loop import (BackgroundSaves, NonfiniteWatch, autocast_context, evaluate_and_log, fit, restore,
                          wait_for_background_save)
@@ -198,7 +198,7 @@ def build_trainer(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopReque
     if cfg.ema.enabled:
         ema = ModelEMA(cfg, strategy, env.world_size, warmup_steps(cfg.optim, steps_per_epoch))
     if cfg.precision == "fp16" and env.device.type != "cuda":
-        raise UserError("precision=fp16 needs a GPU; on the CPU use precision=bf16 or fp32")
+        raise ConfigError("precision=fp16 needs a GPU; on the CPU use precision=bf16 or fp32")
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
@@ -226,8 +226,7 @@ def build_trainer(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopReque
 
 def build_loaders(cfg: Config, env: DistEnv, task: Task) -> tuple[Any, ResumableSampler, Any]:
     """The training loader, its sampler and the validation loader, exactly as a run gets them."""
-    return make_loaders(task.train_set, task.val_set, task.collate_fn, cfg, env, task.random_samples,
-                        batch_transform=task.batch_transform, ra_reps=task.ra_reps, lengths=task.lengths)
+    return make_loaders(task, cfg, env)
 
 
 def open_ledger(cfg: Config, env: DistEnv, step: int) -> SampleLedger:

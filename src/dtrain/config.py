@@ -2,7 +2,10 @@
 
 Every key has a type, a default and a one-line help text. An unknown key or a value of the
 wrong type is a ``ConfigError`` that names the key; ``python train.py --help`` prints them all.
-The ``model`` and ``data`` sections depend on ``workload``: each workload has its own closed set.
+The ``model`` and ``data`` sections depend on ``workload``: each workload (dtrain.workloads.WORKLOADS)
+declares its own closed set. Each section checks its own values (``Section.check``), then
+``Config.check`` what sections must agree on; every such mistake is a ConfigError, exit code 2.
+Torch-free: ``train.py`` loads the config before it imports torch.
 """
 
 from __future__ import annotations
@@ -13,22 +16,17 @@ import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import yaml
 
 from dtrain.errors import ConfigError
-
-
-def opt(default: Any, help: str) -> Any:
-    """A config field with its help text (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from dtrain.sections import DataSection, ModelSection, Section, opt
+from dtrain.workloads import WORKLOADS
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     name: Literal["sgd", "adamw"] = opt("sgd", "optimizer")
     lr: float = opt(0.1, "peak learning rate (after warmup), for the global batch as configured")
     momentum: float = opt(0.9, "SGD momentum")
@@ -49,9 +47,20 @@ class OptimConfig:
     backbone_lr_scale: float = opt(1.0, "lr multiplier for every parameter but the classifier head (fine-tuning: "
                                         "e.g. 0.1; image workload)")
 
+    prefix = "optim."
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'optim.lr' must be > 0, got {self.lr}")
+        self.at_least(0, "warmup_epochs")
+        if self.warmup_epochs and self.warmup_steps:
+            raise ConfigError("set optim.warmup_steps or optim.warmup_epochs, not both")
+        if self.backbone_lr_scale <= 0:
+            raise ConfigError(f"config key 'optim.backbone_lr_scale' must be > 0, got {self.backbone_lr_scale}")
+
 
 @dataclass
-class DDPConfig:
+class DDPConfig(Section):
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size in MiB")
     gradient_as_bucket_view: bool = opt(True, "gradients alias the all-reduce buckets (saves a copy and memory)")
     static_graph: bool = opt(False, "declare the graph static (valid when the same parameters are used every step)")
@@ -59,75 +68,7 @@ class DDPConfig:
 
 
 @dataclass
-class ImageModelConfig:
-    arch: str = opt("resnet18", "torchvision classification model name, e.g. resnet50, vit_b_16")
-    weights: str = opt("", "local state_dict file to fine-tune from (head replaced when class counts differ)")
-    dropout: float = opt(-1.0, "dropout for models that take one (negative = the model's default)")
-    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
-
-
-@dataclass
-class ImageDataConfig:
-    root: str = opt("data/mnist", "ImageFolder root with train/<class>/* and val/<class>/*")
-    synthetic: bool = opt(False, "random images generated per index instead of files (benchmarks, tests)")
-    synthetic_train_size: int = opt(1024, "synthetic: number of training images")
-    synthetic_val_size: int = opt(256, "synthetic: number of validation images")
-    num_classes: int = opt(10, "synthetic: number of classes (with files, taken from the folders)")
-    image_size: int = opt(224, "validation center-crop size in pixels (and the training crop unless train_crop_size)")
-    train_crop_size: int = opt(0, "training random-resized-crop size (0 = image_size); torchvision --train-crop-size")
-    val_resize_size: int = opt(0, "validation: resize the short side to this before the center crop "
-                                  "(0 = image_size / val_crop_ratio); torchvision --val-resize-size")
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = opt("bilinear", "resampling of every resize and crop")
-    augment: bool = opt(True, "random resized crop (+ flip) for training; false = validation transform")
-    min_crop_scale: float = opt(0.08, "smallest area fraction kept by the random resized crop")
-    hflip: bool = opt(True, "random horizontal flip when augmenting")
-    auto_augment: Literal["none", "ta_wide", "ra", "imagenet", "augmix"] = opt(
-        "none", "policy after crop and flip: TrivialAugmentWide, RandAugment, AutoAugment's ImageNet policy, AugMix "
-                "(torchvision --auto-augment)")
-    random_erase: float = opt(0.0, "probability of erasing a random rectangle of a training image "
-                                   "(torchvision --random-erase)")
-    mixup_alpha: float = opt(0.0, "MixUp of each training batch with Beta(alpha, alpha) weights (0 = off); with "
-                                  "cutmix_alpha one of the two is picked per batch")
-    cutmix_alpha: float = opt(0.0, "CutMix of each training batch with Beta(alpha, alpha) areas (0 = off)")
-    ra_reps: int = opt(1, "repeated augmentation: each image k times per epoch on consecutive ranks, epoch length "
-                          "unchanged (1 = off); torchvision --ra-sampler --ra-reps")
-    val_crop_ratio: float = opt(0.875, "validation: resize to image_size / ratio, then center crop")
-    on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip it (one warning line per file)")
-    decode: Literal["tensor", "pil"] = opt("tensor", "image files decoded to uint8 tensors (JPEG by torchvision.io) "
-                                                     "and transformed as tensors, or as PIL images (torchvision's "
-                                                     "reference)")
-
-
-@dataclass
-class BertModelConfig:
-    name_or_path: str = opt("", "local directory with a Hugging Face BERT (config.json, weights) and its tokenizer "
-                                "(never downloaded)")
-    random_init: bool = opt(False, "untrained model from name_or_path's config.json (no weights file needed; tests)")
-    max_length: int = opt(128, "truncate token sequences (a sentence or a pair) to this many tokens")
-    problem_type: Literal["single_label", "multi_label"] = opt(
-        "single_label", "one label per example (cross-entropy), or a list of labels per example (BCE with logits)")
-    dropout: float = opt(-1.0, "hidden, attention and classifier dropout (negative = the model's default)")
-    export_pretrained: bool = opt(True, "at the end, save_pretrained() the model and tokenizer to <output_dir>/model")
-
-
-@dataclass
-class BertDataConfig:
-    train_files: list[str] = opt([], "training files: csv, tsv, json, jsonl or parquet (.gz/.bz2/.xz too)")
-    validation_files: list[str] = opt([], "validation files; empty = split off validation_fraction of train")
-    validation_fraction: float = opt(0.2, "held-out fraction when validation_files is empty (split seeded by seed)")
-    text_columns: list[str] = opt(["text"], "one column (a sentence) or two (a sentence pair)")
-    label_column: str = opt("label", "label column: an integer id or a label name; multi_label: a list of them")
-    labels: list[str] = opt([], "label names in id order; empty = sorted distinct names (or 0..max id) in train")
-    label_separator: str = opt("|", "multi_label in csv/tsv: separator of the labels inside one cell, e.g. 'a|b'")
-    drop_labels: list[str] = opt([], "drop rows whose label (multi_label: any label) is one of these")
-    max_train_samples: int = opt(0, "use only N training rows, chosen by a seeded shuffle (0 = all)")
-    cache_dir: str = opt("", "datasets cache for the parsed and tokenized files ('' = HF_DATASETS_CACHE or ~/.cache)")
-    group_by_length: bool = opt(True, "training batches of similar token counts (less padding), shuffled batch by "
-                                      "batch; false = uniformly random batches")
-
-
-@dataclass
-class FSDPConfig:
+class FSDPConfig(Section):
     reshard_after_forward: bool = opt(True, "free the gathered parameters after each unit's forward (less memory, "
                                             "one more all-gather in backward)")
     param_dtype: Literal["fp32", "bf16", "fp16"] = opt("fp32", "dtype of the gathered parameters in forward and "
@@ -137,32 +78,45 @@ class FSDPConfig:
 
 
 @dataclass
-class EMAConfig:
+class EMAConfig(Section):
     enabled: bool = opt(False, "keep an exponential moving average of the weights, evaluated after the model "
                                "(torchvision --model-ema)")
     steps: int = opt(32, "update the average every N optimizer steps (torchvision --model-ema-steps)")
     decay: float = opt(0.99998, "decay per update before the adjustment for world size x batch x steps / epochs "
                                 "(torchvision --model-ema-decay)")
 
+    prefix = "ema."
+
+    def check(self) -> None:
+        self.at_least(1, "steps")
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"config key 'ema.decay' must be between 0 and 1 (exclusive), got {self.decay}")
+
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(Section):
     start_step: int = opt(0, "record a torch.profiler trace from this optimizer step on (0 = off), per rank, in "
                              "<output_dir>/profile/")
     steps: int = opt(3, "how many steps the trace covers")
     cuda_memory: bool = opt(False, "GPUs: also write a CUDA memory snapshot of those steps")
 
+    prefix = "profile."
 
-# Per-workload types of the `model` and `data` sections.
-WORKLOAD_SECTIONS: dict[str, tuple[type, type]] = {
-    "image": (ImageModelConfig, ImageDataConfig),
-    "bert": (BertModelConfig, BertDataConfig),
-}
+    def check(self) -> None:
+        self.at_least(0, "start_step")
+        self.at_least(1, "steps")
+
+
+ModelT = TypeVar("ModelT", bound=ModelSection)
+DataT = TypeVar("DataT", bound=DataSection)
 
 
 @dataclass
-class Config:
-    workload: Literal["image", "bert"] = opt("image", "what to train")
+class Config(Section, Generic[ModelT, DataT]):
+    """The whole run. ``model`` and ``data`` are the sections of `workload`: a workload's builder takes
+    e.g. ``Config[ImageModelConfig, ImageDataConfig]``."""
+
+    workload: str = opt("image", "what to train: a workload of dtrain.workloads.WORKLOADS (built in: image, bert)")
     mode: Literal["auto", "cpu", "dp", "ddp", "fsdp"] = opt(
         "auto", "auto: DDP under torchrun/srun, DataParallel with >1 visible GPU, else one device; cpu forces the "
                 "CPU; fsdp shards parameters, gradients and optimizer state over the ranks (torchrun/srun)")
@@ -225,17 +179,25 @@ class Config:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    model: Any = field(default_factory=ImageModelConfig)
-    data: Any = field(default_factory=ImageDataConfig)
+    model: ModelT = field(default_factory=lambda: WORKLOADS["image"].model())
+    data: DataT = field(default_factory=lambda: WORKLOADS["image"].data())
+
+    def check(self) -> None:
+        """Each section's own checks, then what the keys must agree on across sections."""
+        for name in SECTIONS:
+            getattr(self, name).check()
+        workload_check = WORKLOADS[self.workload].check
+        if workload_check is not None:
+            workload_check(self.model, self.data)
+        check_top_level(self)
 
 
 SECTIONS = ("optim", "ddp", "fsdp", "ema", "profile", "model", "data")
 
 
 def section_types(workload: str) -> dict[str, type]:
-    model_t, data_t = WORKLOAD_SECTIONS[workload]
     return {"optim": OptimConfig, "ddp": DDPConfig, "fsdp": FSDPConfig, "ema": EMAConfig, "profile": ProfileConfig,
-            "model": model_t, "data": data_t}
+            "model": WORKLOADS[workload].model, "data": WORKLOADS[workload].data}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,12 +214,12 @@ def load_config(config_path: str | None, overrides: list[str]) -> Config:
     for key, value in parsed:
         if key == "workload":
             workload = value
-    _check_choice("workload", workload, list(WORKLOAD_SECTIONS))
-    cfg = Config(workload=workload, model=section_types(workload)["model"](), data=section_types(workload)["data"]())
+    _check_choice("workload", workload, list(WORKLOADS))
+    cfg = Config(workload=workload, model=WORKLOADS[workload].model(), data=WORKLOADS[workload].data())
     _apply_mapping(cfg, raw, prefix="")
     for key, value in parsed:
         _set_from_string(cfg, key, value)
-    validate(cfg)
+    cfg.check()
     return cfg
 
 
@@ -399,29 +361,15 @@ def _check_choice(key: str, value: Any, choices: list[Any]) -> None:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
-def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
-                "eval_every": cfg.eval_every, "log_every": cfg.log_every}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
-    non_negative = {"max_steps": cfg.max_steps, "eval_batch_size": cfg.eval_batch_size, "num_workers": cfg.num_workers,
-                    "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every, "keep_last": cfg.keep_last,
-                    "nproc": cfg.nproc, "max_restarts": cfg.max_restarts}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+def check_top_level(cfg: Config) -> None:
+    """Range checks of the top-level keys, and what they must agree on with the sections."""
+    at_least = {1: ("epochs", "batch_size", "grad_accum_steps", "eval_every", "log_every"),
+                0: ("max_steps", "eval_batch_size", "num_workers", "threads", "checkpoint_every", "keep_last",
+                    "nproc", "max_restarts", "hang_report_s", "peak_tflops")}
+    for low, names in at_least.items():
+        cfg.at_least(low, *names)
     if cfg.timeout_s <= 0:
         raise ConfigError(f"config key 'timeout_s' must be > 0, got {cfg.timeout_s}")
-    for key, value in {"hang_report_s": cfg.hang_report_s, "peak_tflops": cfg.peak_tflops,
-                       "profile.start_step": cfg.profile.start_step}.items():
-        if value < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
-    if cfg.profile.steps < 1:
-        raise ConfigError(f"config key 'profile.steps' must be >= 1, got {cfg.profile.steps}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     for name in cfg.stop_signals:
         if not isinstance(getattr(signal, name, None), signal.Signals):
             raise ConfigError(f"config key 'stop_signals': {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
@@ -433,39 +381,8 @@ def validate(cfg: Config) -> None:
                           "drop one of them")
     if cfg.eval_only and not cfg.resume:
         raise ConfigError("eval_only=true needs a checkpoint: add resume=auto or resume=PATH")
-    if cfg.optim.warmup_epochs < 0:
-        raise ConfigError(f"config key 'optim.warmup_epochs' must be >= 0, got {cfg.optim.warmup_epochs}")
-    if cfg.optim.warmup_epochs and cfg.optim.warmup_steps:
-        raise ConfigError("set optim.warmup_steps or optim.warmup_epochs, not both")
-    if cfg.optim.backbone_lr_scale <= 0:
-        raise ConfigError(f"config key 'optim.backbone_lr_scale' must be > 0, got {cfg.optim.backbone_lr_scale}")
-    if cfg.ema.steps < 1:
-        raise ConfigError(f"config key 'ema.steps' must be >= 1, got {cfg.ema.steps}")
-    if not 0.0 < cfg.ema.decay < 1.0:
-        raise ConfigError(f"config key 'ema.decay' must be between 0 and 1 (exclusive), got {cfg.ema.decay}")
     if cfg.best_metric == "ema_accuracy" and not cfg.ema.enabled:
         raise ConfigError("best_metric=ema_accuracy needs the EMA: add ema.enabled=true")
-    if cfg.workload == "image":
-        validate_image_data(cfg.data)
-
-
-def validate_image_data(data: ImageDataConfig) -> None:
-    at_least = {"data.image_size": (data.image_size, 1), "data.train_crop_size": (data.train_crop_size, 0),
-                "data.val_resize_size": (data.val_resize_size, 0), "data.ra_reps": (data.ra_reps, 1)}
-    for key, (value, low) in at_least.items():
-        if value < low:
-            raise ConfigError(f"config key {key!r} must be >= {low}, got {value}")
-    if 0 < data.val_resize_size < data.image_size:
-        raise ConfigError(f"config key 'data.val_resize_size' ({data.val_resize_size}) must be >= data.image_size "
-                          f"({data.image_size}), the center crop taken from it")
-    if data.auto_augment == "augmix" and data.interpolation == "bicubic":  # torchvision's AugMix works on tensors
-        raise ConfigError("data.auto_augment=augmix takes data.interpolation=bilinear or nearest (AugMix resamples "
-                          "tensors, which have no bicubic affine transform)")
-    if not 0.0 <= data.random_erase <= 1.0:
-        raise ConfigError(f"config key 'data.random_erase' is a probability (0 to 1), got {data.random_erase}")
-    for key, value in (("data.mixup_alpha", data.mixup_alpha), ("data.cutmix_alpha", data.cutmix_alpha)):
-        if value < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0 (0 = off), got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,22 +397,14 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from to_dict() output (e.g. the copy stored in a checkpoint)."""
-    cfg = Config(workload=data["workload"], model=section_types(data["workload"])["model"](),
-                 data=section_types(data["workload"])["data"]())
-    _apply_mapping(cfg, data, prefix="")
-    return cfg
-
-
 def key_groups() -> list[tuple[str, str, type]]:
     """(title, key prefix, dataclass) of every group of keys, in the order --help and the docs list them."""
     groups = [("top level", "", Config)]
     groups += [(f"[{name}]", f"{name}.", cls) for name, cls in section_types("image").items()
                if name not in ("model", "data")]
-    for workload, (model_t, data_t) in WORKLOAD_SECTIONS.items():
-        groups += [(f"[model] for workload={workload}", "model.", model_t),
-                   (f"[data] for workload={workload}", "data.", data_t)]
+    for name, workload in WORKLOADS.items():
+        groups += [(f"[model] for workload={name}", "model.", workload.model),
+                   (f"[data] for workload={name}", "data.", workload.data)]
     return groups
 
 
@@ -543,6 +452,20 @@ and in every checkpoint.
 What the keys do in context: [execution modes](modes.md), [checkpoints and failures](checkpoints.md),
 [image workload](image.md), [BERT workload](bert.md), [observability](observability.md),
 [performance switches](performance.md#switches-to-use-on-gpus).
+
+**Adding a workload** is one module and one registration line. The module declares the workload's `model`
+and `data` sections: dataclasses subclassing `dtrain.sections.ModelSection` and `DataSection`, every key
+written `opt(default, help)`, each section's `check()` raising `ConfigError` for a value its type cannot rule
+out; optionally a `check(model, data)` for what the two must agree on; and a builder `build(cfg, env) -> Task`
+(the model, the data sets, the loss and metric sums the loop asks for: `src/dtrain/workloads/task.py`);
+optionally an exporter for `python -m dtrain.export`. The line is an entry of `WORKLOADS` in
+`src/dtrain/workloads/__init__.py`, or `register(name, Workload(...))` in your own script before
+`dtrain.train()`; `workload=name`, `--help` and this page then list its keys. Checks
+that need the run (files, the model directory, world size, device) belong in the builder or where the run
+learns them, with the [exit codes](checkpoints.md#stop-signals-and-exit-codes) there. The built-in workloads
+keep their sections in torch-free modules (`image_config.py`, `bert_config.py`) and name their builders as
+`"module:function"`, so config mistakes and `--help` are answered before torch is imported;
+`tests/tiny_workload.py` is a whole workload in one file, trained under torchrun by `tests/test_workloads.py`.
 """
 
 

@@ -19,13 +19,16 @@ import math
 import random
 import signal
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from dtrain.config import Config
 from dtrain.dist import DistEnv
+
+if TYPE_CHECKING:
+    from dtrain.workloads.task import Task
 
 
 @dataclass(frozen=True)
@@ -367,13 +370,12 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, env: DistEnv,
-                 random_samples: bool = True, *, batch_transform: Callable[[Any], Any] | None = None,
-                 ra_reps: int = 1, lengths: tuple[Sequence[int], Sequence[int]] | None = None,
-                 ) -> tuple[DataLoader, ResumableSampler, DataLoader]:
-    """Training and validation loaders; `lengths` (train, validation) groups batches by length,
-    `ra_reps` > 1 repeats each training sample on that many ranks, `batch_transform` acts on whole
-    training batches (MixUp/CutMix)."""
+def make_loaders(task: Task, cfg: Config, env: DistEnv) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+    """The task's training and validation loaders, drawn and transformed as its `loading` options say:
+    `lengths` (train, validation) groups batches by length, `ra_reps` > 1 repeats each training sample
+    on that many ranks, `batch_transform` acts on whole training batches (MixUp/CutMix)."""
+    train_set, val_set, collate_fn = task.train_set, task.val_set, task.collate_fn
+    batch_transform, ra_reps, lengths = task.loading.batch_transform, task.loading.ra_reps, task.loading.lengths
     workers = cfg.num_workers
     common = dict(
         num_workers=workers,
@@ -382,7 +384,7 @@ def make_loaders(train_set: Dataset, val_set: Dataset, collate_fn, cfg: Config, 
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    seeded = EpochSeeded(train_set, cfg.seed, random_samples)
+    seeded = EpochSeeded(train_set, cfg.seed, task.random_samples)
     steps = dict(batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps)
     if ra_reps > 1:
         sampler = RepeatedAugmentationSampler(seeded, env, seed=cfg.seed, repeats=ra_reps, **steps)

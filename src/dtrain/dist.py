@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.config import Config
-from dtrain.errors import EXIT_ERROR, UserError
+from dtrain.errors import EXIT_ERROR, ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,11 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
     launch = read_launch(environ)
     use_cuda = cfg.mode != "cpu" and torch.cuda.is_available()
     if cfg.mode in ("ddp", "fsdp") and launch is None:
-        raise UserError(f"mode={cfg.mode} needs a launcher: add nproc=N, or torchrun --nproc_per_node=N train.py ..., "
-                        "or srun (or use mode=auto to run in one process)")
+        raise ConfigError(f"mode={cfg.mode} needs a launcher: add nproc=N, or torchrun --nproc_per_node=N train.py "
+                          "..., or srun (or use mode=auto to run in one process)")
     if cfg.mode == "dp" and launch is not None and launch.world_size > 1:
-        raise UserError("mode=dp is one process driving all local GPUs; launch it with python, not torchrun/srun "
-                        "(or use mode=ddp)")
+        raise ConfigError("mode=dp is one process driving all local GPUs; launch it with python, not torchrun/srun "
+                          "(or use mode=ddp)")
     if launch is not None and cfg.mode != "dp":
         env = _setup_process_group(cfg, launch, use_cuda)
     elif use_cuda and torch.cuda.device_count() > 1 and cfg.mode in ("auto", "dp"):
@@ -196,7 +196,7 @@ def setup(cfg: Config, environ: Mapping[str, str] = os.environ) -> DistEnv:
 def _setup_process_group(cfg: Config, launch: Launch, use_cuda: bool) -> DistEnv:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
-        raise UserError("backend=nccl needs CUDA GPUs and none is usable here; use backend=gloo (or backend=auto)")
+        raise ConfigError("backend=nccl needs CUDA GPUs and none is usable here; use backend=gloo (or backend=auto)")
     if use_cuda:
         if launch.local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {launch.local_rank} has no GPU: {torch.cuda.device_count()} visible on this "

@@ -31,6 +31,7 @@ import torch
 
 from dtrain import checkpoint as ckpt
 from dtrain.errors import UserError
+from dtrain.workloads import WORKLOADS
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -159,11 +160,11 @@ def export(source: Path, out: Path) -> Path:
     """Write `source`'s model to `out` as its workload's plain library loads it."""
     checkpoint = find_source(source)
     workload = checkpoint.data["identity"].get("workload")
-    if workload == "image":
-        return write_safetensors(checkpoint, out)
-    if workload == "bert":
-        return export_bert(checkpoint, out)
-    raise UserError(f"checkpoint {checkpoint.path} is of workload {workload!r}, which has no export")
+    entry = WORKLOADS.get(workload)
+    exporter = None if entry is None else entry.exporter()
+    if exporter is None:
+        raise UserError(f"checkpoint {checkpoint.path} is of workload {workload!r}, which has no export")
+    return exporter(checkpoint, out)
 
 
 def export_bert(checkpoint: ckpt.Checkpoint, out: Path) -> Path:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtrain.config import OptimConfig
-from dtrain.errors import UserError
+from dtrain.errors import ConfigError
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig,
@@ -26,7 +26,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig,
     """
     is_no_decay = is_no_decay or (lambda name, p: p.ndim <= 1)
     if cfg.backbone_lr_scale != 1.0 and is_head is None:
-        raise UserError("optim.backbone_lr_scale needs a workload that names its classifier head (workload=image)")
+        raise ConfigError("optim.backbone_lr_scale needs a workload that names its classifier head (workload=image)")
     by_kind: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (decays, backbone) -> parameters
     for name, p in model.named_parameters():
         if not p.requires_grad:

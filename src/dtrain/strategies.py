@@ -78,7 +78,7 @@ class Strategy:
             raise ConfigError("sync_bn=true needs 2 or more processes (torchrun/srun with DDP or FSDP): one process "
                               "already normalises over its whole batch")
         if not syncbn.has_batch_norm(model):
-            raise ConfigError(f"sync_bn=true: model.arch={getattr(self.cfg.model, 'arch', '?')} has no BatchNorm "
+            raise ConfigError(f"sync_bn=true: {self.cfg.model.describe()} has no BatchNorm "
                               "layer to synchronise; set sync_bn=false")
         return syncbn.convert(model, self.env.device)
 

@@ -1,61 +1,75 @@
-"""Workloads give the shared loop the same small surface: a model, two datasets, and three functions.
+"""The workload registry: what can be trained, by name (the config key ``workload``).
 
-The loop never looks inside a batch: it moves it to the device, asks ``train_loss`` for a scalar
-loss, asks ``eval_sums`` for per-batch sums (reduced across ranks by the loop), and turns the
-reduced sums into metrics with ``summarize``.
+A workload declares its two config sections (``model`` and ``data``: dataclasses that check their
+own values), what the two must agree on, a builder ``(cfg, env) -> Task`` (dtrain.workloads.task) and,
+optionally, how ``python -m dtrain.export`` writes its model for its own library.
+Adding one is its module plus one line in WORKLOADS (or a ``register`` call from a script of your own):
+the config key ``workload``, ``--help``, docs/configuration.md and the loop all read this dict.
+
+This module and the section declarations are torch-free, so loading the config, ``train.py --help`` and
+its errors stay fast: the built-in builders are named as "module:function" and imported when a run builds
+its task. A builder may also be the function itself (a workload defined next to its script).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-from torch.utils.data import Dataset
+from dtrain.workloads import bert_config, image_config
 
-
-@dataclass
-class Task:
-    model: nn.Module  # plain (unwrapped) model, on the CPU, seeded identically on every rank
-    train_set: Dataset
-    val_set: Dataset
-    # batch (already on the device) -> mean loss over the batch
-    train_loss: Callable[[nn.Module, Any], torch.Tensor]
-    # batch -> dict of sums over the batch (scalar tensors); must include "samples"
-    eval_sums: Callable[[nn.Module, Any], dict[str, torch.Tensor]]
-    # globally reduced sums (scalars as floats, other shapes as CPU tensors; a key may be absent when no rank saw
-    # a batch) -> metrics; must include "loss", "accuracy" and "samples"
-    summarize: Callable[[dict[str, Any]], dict[str, Any]]
-    collate_fn: Callable | None = None
-    # whether a training sample draws random numbers (augmentation); if so each one is drawn
-    # under a seed of its own (data.EpochSeeded), else batches are fetched without seeding
-    random_samples: bool = True
-    # what a checkpoint must agree with to be loaded into this model (e.g. arch, num_classes)
-    identity: dict[str, Any] = field(default_factory=dict)
-    export: Callable[[str], None] | None = None  # rank 0, at the end: export the output_dir's last checkpoint
-    # model -> its repeated blocks (ResNet blocks, BERT layers): the units FSDP shards and gathers one at a
-    # time and activation checkpointing recomputes; [] = the model as one unit
-    units: Callable[[nn.Module], list[nn.Module]] = lambda model: []
-    # model-specific parameter grouping hook for the optimizer; None = decay on >=2-d tensors only
-    is_no_decay: Callable[[str, nn.Parameter], bool] | None = None
-    # parameter name -> whether it belongs to the classifier head (optim.backbone_lr_scale); None = no head known
-    is_head: Callable[[str], bool] | None = None
-    # a random transform of a whole collated training batch (MixUp/CutMix), run under a seed made from the
-    # batch's sample keys (data.SeededBatchTransform); None = none
-    batch_transform: Callable[[Any], Any] | None = None
-    # repeated augmentation: each training sample this many times per epoch (data.RepeatedAugmentationSampler)
-    ra_reps: int = 1
-    # reduced sums -> (class names, confusion matrix: rows are true classes, columns predictions); None = none
-    confusion: Callable[[dict[str, Any]], tuple[list[str], list[list[int]]]] | None = None
-    # (train, validation) size of every sample, e.g. its token count: training batches are drawn from
-    # samples of similar size and evaluation walks them in size order (data.LengthGroupedSampler);
-    # None = uniformly random batches
-    lengths: tuple[Sequence[int], Sequence[int]] | None = None
+if TYPE_CHECKING:
+    from dtrain.workloads.task import Task
 
 
-def build_task(cfg, env) -> Task:
-    from dtrain.workloads import bert, image  # bert imports transformers lazily inside
+@dataclass(frozen=True)
+class Workload:
+    model: type  # the `model` section: a dtrain.sections.ModelSection dataclass
+    data: type  # the `data` section: a dtrain.sections.DataSection dataclass
+    build: str | Callable[[Any, Any], "Task"]  # (cfg, env) -> Task, or "module:function" naming it
+    # (model section, data section) -> None, ConfigError when they disagree; each section checks itself first
+    check: Callable[[Any, Any], None] | None = None
+    # python -m dtrain.export: (dtrain.checkpoint.Checkpoint, output path) -> what it wrote; None = no export
+    export: str | Callable[[Any, Any], Any] | None = None
 
-    builders = {"image": image.build, "bert": bert.build}
-    return builders[cfg.workload](cfg, env)
+    def builder(self) -> Callable[[Any, Any], "Task"]:
+        return resolve(self.build)
+
+    def exporter(self) -> Callable[[Any, Any], Any] | None:
+        return None if self.export is None else resolve(self.export)
+
+
+def resolve(function: str | Callable) -> Callable:
+    """A function, or the one a "module:function" string names (imported now)."""
+    if callable(function):
+        return function
+    module, _, name = function.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "image": Workload(image_config.ImageModelConfig, image_config.ImageDataConfig, "dtrain.workloads.image:build",
+                      export="dtrain.export:write_safetensors"),
+    "bert": Workload(bert_config.BertModelConfig, bert_config.BertDataConfig, "dtrain.workloads.bert:build",
+                     bert_config.check, export="dtrain.export:export_bert"),
+}
+
+
+def register(name: str, workload: Workload) -> None:
+    """Make `workload` selectable as workload=`name` in this process (a script that registers one and calls
+    dtrain.train(..., nproc=0) under torchrun registers it in every rank)."""
+    WORKLOADS[name] = workload
+
+
+def build_task(cfg, env) -> "Task":
+    return WORKLOADS[cfg.workload].builder()(cfg, env)
+
+
+def __getattr__(name: str) -> Any:
+    """``from dtrain.workloads import Task`` keeps working without importing torch with the registry."""
+    if name in ("Task", "LoaderOptions"):
+        from dtrain.workloads import task
+
+        return getattr(task, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

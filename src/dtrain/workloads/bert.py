@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.config import BertDataConfig, BertModelConfig, Config
+from dtrain.config import Config
 from dtrain.dist import DistEnv, main_first
-from dtrain.errors import ConfigError, UserError
-from dtrain.workloads import Task
+from dtrain.errors import UserError
+from dtrain.workloads.bert_config import BertDataConfig, BertModelConfig
+from dtrain.workloads.task import LoaderOptions, Task
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model")
@@ -46,9 +47,11 @@ COMPRESSIONS = (".gz", ".bz2", ".xz")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def build(cfg: Config, env: DistEnv) -> Task:
-    model_cfg: BertModelConfig = cfg.model
-    check_options(cfg)
+BertRunConfig = Config[BertModelConfig, BertDataConfig]
+
+
+def build(cfg: BertRunConfig, env: DistEnv) -> Task:
+    model_cfg = cfg.model
     quiet_libraries()
     # Checks every rank makes alike, before any collective: a bad model directory fails everywhere at once.
     hf_config = load_model_config(model_cfg)
@@ -99,31 +102,9 @@ def build(cfg: Config, env: DistEnv) -> Task:
         export=export if model_cfg.export_pretrained else None,
         is_no_decay=is_no_decay,
         units=encoder_layers,
-        lengths=(token_counts(data.train), token_counts(data.val)) if cfg.data.group_by_length else None,
+        loading=LoaderOptions(lengths=(token_counts(data.train), token_counts(data.val)) if cfg.data.group_by_length
+                              else None),
     )
-
-
-def check_options(cfg: Config) -> None:
-    model_cfg: BertModelConfig = cfg.model
-    data: BertDataConfig = cfg.data
-    if not model_cfg.name_or_path:
-        raise ConfigError("model.name_or_path is empty: give a local model directory, e.g. "
-                          "model.name_or_path=/models/bert-base-uncased (make demo-bert prepares a small one)")
-    if not data.train_files:
-        raise ConfigError("data.train_files is empty: give csv/tsv/json/jsonl/parquet files, e.g. "
-                          "data.train_files=data/train.csv")
-    if len(data.text_columns) not in (1, 2):
-        raise ConfigError(f"data.text_columns must name one column (a sentence) or two (a pair), "
-                          f"got {len(data.text_columns)}: {data.text_columns}")
-    if not data.validation_files and not 0.0 < data.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction must be between 0 and 1 (exclusive) when data.validation_files "
-                          f"is empty, got {data.validation_fraction}")
-    if model_cfg.max_length < 2 + len(data.text_columns):
-        raise ConfigError(f"model.max_length={model_cfg.max_length} leaves no room for text after the special tokens")
-    if data.max_train_samples < 0:
-        raise ConfigError(f"data.max_train_samples must be >= 0, got {data.max_train_samples}")
-    if len(set(data.labels)) != len(data.labels):
-        raise ConfigError(f"data.labels lists a name twice: {data.labels}")
 
 
 def quiet_libraries() -> None:
@@ -364,7 +345,7 @@ class EncodedData:
     labels: LabelSpace
 
 
-def prepare_data(cfg: Config, tokenizer) -> EncodedData:
+def prepare_data(cfg: BertRunConfig, tokenizer) -> EncodedData:
     data: BertDataConfig = cfg.data
     multi = cfg.model.problem_type == "multi_label"
     train, val = split_rows(cfg)
@@ -466,7 +447,7 @@ def drop_rows(ds, data: BertDataConfig, multi: bool):
                                                                      data.label_separator))
 
 
-def tokenize(ds, tokenizer, space: LabelSpace, cfg: Config):
+def tokenize(ds, tokenizer, space: LabelSpace, cfg: BertRunConfig):
     """Token ids + encoded labels, computed once per (data, tokenizer, settings) and cached on disk."""
     data: BertDataConfig = cfg.data
     max_length = cfg.model.max_length

@@ -22,17 +22,21 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader
 from torchvision.transforms import InterpolationMode, v2
 
-from dtrain.config import Config, ImageDataConfig, ImageModelConfig
+from dtrain.config import Config
 from dtrain.errors import UserError
-from dtrain.workloads import Task
+from dtrain.workloads.image_config import ImageDataConfig, ImageModelConfig
+from dtrain.workloads.task import LoaderOptions, Task
 from dtrain.workloads.image_io import read_rgb_tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build(cfg: Config, env) -> Task:
-    data: ImageDataConfig = cfg.data
+ImageRunConfig = Config[ImageModelConfig, ImageDataConfig]
+
+
+def build(cfg: ImageRunConfig, env) -> Task:
+    data = cfg.data
     if data.synthetic:
         # Generated as the transforms would hand them over (training crop / validation crop size); no
         # per-sample augmentation is applied to them.
@@ -101,8 +105,7 @@ def build(cfg: Config, env) -> Task:
         identity={"workload": "image", "arch": cfg.model.arch, "num_classes": num_classes},
         units=blocks,
         is_head=lambda name: name.startswith(f"{head}."),
-        batch_transform=mixup_cutmix(data, num_classes),
-        ra_reps=data.ra_reps,
+        loading=LoaderOptions(batch_transform=mixup_cutmix(data, num_classes), ra_reps=data.ra_reps),
         confusion=confusion,
     )
 
