@@ -17,6 +17,9 @@ import torch
 from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, losses, max_difference,
                      records, run_elastic_killing_worker_1, run_torchrun, run_train, start_ranks, wait_until, weights)
 
+
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
 # Runs continued with a larger max_steps: a constant lr, as the schedule's length depends on max_steps.
 CONSTANT_LR = ["optim.schedule=constant"]
 

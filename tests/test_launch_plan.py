@@ -47,6 +47,7 @@ def make_demo(target: str, *make_vars: str, timeout: float = 60) -> subprocess.C
                        subprocess_env(), merge_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, config", [("demo", "configs/image/mnist_demo.yaml"),
                                             ("demo-bert", "configs/bert/minilm_rotten_tomatoes.yaml")])
 @pytest.mark.parametrize("gpus, nproc", [(0, 2), (1, 1), (4, 2)])
@@ -59,12 +60,14 @@ def test_make_demo_prints_its_choice_and_launches_that(target, config, gpus, npr
     assert command.endswith(launch), command
 
 
+@pytest.mark.slow
 def test_make_demo_refuses_more_processes_than_gpus():
     done = make_demo("demo", "NPROC=2", "LAUNCH_FLAGS=--gpus=1 --dry-run")
     assert done.returncode != 0
     assert "error: NPROC=2 but 1 GPU visible" in done.stdout and "Traceback" not in done.stdout
 
 
+@pytest.mark.slow
 def test_make_demo_trains_on_this_machine(tiny_images, tmp_path):
     """The real recipe, no flags: on a machine without GPUs, 2 Gloo processes that finish the run."""
     out = tmp_path / "run"
@@ -88,6 +91,7 @@ def test_the_docs_quote_the_lines_the_plan_prints():
     assert "more processes than GPUs is refused" in trouble and "NPROC=2 but 1 GPU visible" in str(refused.value)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_cuda
 def test_make_demo_on_this_gpu_machine_runs_one_process_per_gpu(tiny_images, tmp_path):
     import torch

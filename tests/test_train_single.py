@@ -11,6 +11,9 @@ from helpers import (FAST, assert_one_clear_error, read_checkpoint, read_metrics
                      write_image_folder)
 
 
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
 def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
     out = tmp_path / "run"
     proc = run_train([*FAST, f"data.root={tiny_images}", f"output_dir={out}", "epochs=2", "keep_last=1"])
