@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason=missing[0]))
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
+def fail_missing_cluster(item: pytest.Item) -> None:
     missing = unmet(item)
     if missing and missing[1]:
         pytest.fail(f"DTRAIN_REQUIRE_CLUSTER=1 but: {missing[0]}", pytrace=False)
@@ -57,6 +57,7 @@ def starts_python(args) -> bool:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item):
+    fail_missing_cluster(item)
     with fast_tier_guard(item):
         return (yield)
 
