@@ -1,6 +1,7 @@
 """In-process cover, for `make check`, of modules whose other tests start processes: the EMA, the sample ledger
-and export after a run made through `dtrain.train(nproc=0)`, CPU SyncBatchNorm in a one-rank group, the image
-copy of prepare_images, and the launcher's pieces that run in the launching process or in rank 0."""
+and export after a run made through `dtrain.train(nproc=0)`, DDP and FSDP (sharded checkpoints) as one rank of a
+one-rank job, CPU SyncBatchNorm in a one-rank group, the image copy of prepare_images, and the launcher's pieces
+that run in the launching process or in rank 0."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import dtrain
 from dtrain import launcher, ledger, prepare_images, syncbn
 from dtrain.config import load_config
 from dtrain.export import main as export_main
-from helpers import SYNTH, read_checkpoint
+from helpers import SYNTH, free_port, max_difference, read_checkpoint
 
 # 16 synthetic images in batches of 4: 4 steps an epoch, 2 epochs; the EMA updated after every step.
 RUN = [*SYNTH, "data.synthetic_train_size=16", "epochs=2", "ema.enabled=true", "ema.steps=1",
@@ -74,6 +75,34 @@ def test_export_writes_the_checkpoints_model_for_torchvision(resumed_run, tmp_pa
     torchvision.models.squeezenet1_1(num_classes=4).load_state_dict(exported)  # strict: every key, every shape
     assert export_main([str(tmp_path / "no_run"), str(tmp_path / "x.safetensors")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(tmp_path_factory) -> dict[str, Path]:
+    """Per mode (ddp, fsdp), a run in this process as the only rank of a job (the variables torchrun sets),
+    stopped at step 4 and resumed to step 6."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+            env.setenv(name, value)
+        for mode in ("ddp", "fsdp"):
+            out = runs[mode] = tmp_path_factory.mktemp(f"one_rank_{mode}")
+            for max_steps in (4, 6):
+                dtrain.train(overrides=[*RUN, f"mode={mode}", f"max_steps={max_steps}", f"output_dir={out}",
+                                        "resume=auto"], nproc=0)
+    return runs
+
+
+def test_one_rank_ddp_and_fsdp_resume_from_their_layouts_to_the_same_weights(one_rank_runs, tmp_path):
+    ddp, fsdp = one_rank_runs["ddp"], one_rank_runs["fsdp"]
+    assert (ddp / "checkpoints" / "step_00000006.pt").is_file()  # one file from rank 0
+    assert (fsdp / "checkpoints" / "step_00000006").is_dir()  # a sharded directory
+    assert read_checkpoint(ddp)["state"]["step"] == 6
+    assert export_main([str(fsdp), str(tmp_path / "fsdp.safetensors")]) == 0  # the shards gathered into one file
+    gathered = load_file(str(tmp_path / "fsdp.safetensors"))
+    # one rank: the same job whatever the wrapper, up to float summation order
+    assert max_difference(gathered, read_checkpoint(ddp)["model"]) < 1e-5
 
 
 @pytest.fixture
