@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -68,31 +70,26 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
 
 
-class fast_tier_guard:
+@contextlib.contextmanager
+def fast_tier_guard(item: pytest.Item) -> Iterator[None]:
     """While a test not marked slow sets up and runs, starting a Python process fails it."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    original = subprocess.Popen.__init__
 
-    def __init__(self, item: pytest.Item):
-        self.active = item.get_closest_marker("slow") is None
-        self.name = item.nodeid
+    def guarded(popen, args, *rest, **kwargs):
+        if starts_python(args):
+            command = args if isinstance(args, str) else " ".join(map(str, args))
+            pytest.fail(f"{item.nodeid} starts a Python process ({command[:120]}): mark it @pytest.mark.slow "
+                        "(make test runs it; make check leaves it out)", pytrace=False)
+        original(popen, args, *rest, **kwargs)
 
-    def __enter__(self):
-        if self.active:
-            original = self.original = subprocess.Popen.__init__
-            name = self.name
-
-            def guarded(popen, args, *rest, **kwargs):
-                if starts_python(args):
-                    pytest.fail(f"{name} starts a Python process ({' '.join(map(str, args))[:120]}): mark it "
-                                "@pytest.mark.slow (make test runs it; make check leaves it out)", pytrace=False)
-                return original(popen, args, *rest, **kwargs)
-
-            subprocess.Popen.__init__ = guarded
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            subprocess.Popen.__init__ = self.original
-        return False
+    subprocess.Popen.__init__ = guarded
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = original
 
 
 @pytest.fixture(scope="session")
