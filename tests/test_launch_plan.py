@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from dtrain.errors import ConfigError
-from dtrain.launch_plan import choose
+from dtrain.launch_plan import choose, main
 from helpers import ROOT, read_metrics, run_bounded, subprocess_env
 
 
@@ -37,6 +37,19 @@ def test_the_plan_follows_the_machine(gpus, cpus, requested, nproc, device):
 def test_more_processes_than_gpus_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"NPROC=2 but 1 GPU visible: use NPROC=1 or fewer"):
         choose(1, 16, requested=2)
+
+
+def test_the_dry_run_prints_the_choice_and_the_torchrun_command_or_one_error_line(capsys):
+    """What the Makefile's LAUNCH runs, in this process (the make tests below run it through make)."""
+    assert main(["--gpus=0", "--cpus=2", "--dry-run", "train.py", "epochs=1"]) == 0
+    choice, command = capsys.readouterr().out.splitlines()
+    assert choice.startswith("launch: no GPU")
+    assert command == f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 train.py epochs=1"
+    assert main(["--nproc=2", "--gpus=1", "--dry-run", "train.py"]) == ConfigError.exit_code
+    assert capsys.readouterr().err.startswith("error: NPROC=2 but 1 GPU visible")
+    assert main(["--nproc=-1", "train.py"]) == ConfigError.exit_code
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: NPROC must be a whole number >= 1")
 
 
 def make_demo(target: str, *make_vars: str, timeout: float = 60) -> subprocess.CompletedProcess:
