@@ -1,7 +1,10 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   build .venv if missing, write the MNIST demo data, train it with DDP: one process per GPU
 #               (at most 2), or 2 CPU processes without a GPU; the first line printed says which
-#   make test   same .venv, run the test suite; a subset: make test TESTS=tests/test_docs.py PYTEST_ARGS="-k links"
+#   make test   same .venv, run the whole test suite (what CI runs; before a commit); a subset:
+#               make test TESTS=tests/test_docs.py PYTEST_ARGS="-k links"
+#   make check  the fast tier, on every edit: the tests not marked slow (in-process, no Python process
+#               started; tests/conftest.py), every module of src/dtrain, at most 3 minutes on 2 cores
 #   make demo-bert   fine-tune MiniLM on Rotten Tomatoes reviews, processes chosen the same way (~2.5 min on 2 cores)
 # NPROC=N starts N processes instead of choosing (on GPUs at most one per GPU); ARGS="key=value ..." is
 # added to train.py's command line, e.g. make demo ARGS="epochs=3 precision=bf16".
@@ -14,7 +17,7 @@ NPROC  ?=
 LAUNCH  = $(PY) -m dtrain.launch_plan --nproc=$(NPROC) $(LAUNCH_FLAGS) train.py
 TESTS  ?= tests
 
-.PHONY: venv data demo demo-single demo-bert test clean
+.PHONY: venv data demo demo-single demo-bert test check clean
 
 venv: $(STAMP)
 
@@ -52,6 +55,9 @@ demo-bert: data/rotten_tomatoes/.done
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(TESTS) $(PYTEST_ARGS)
 
 # Removes what the demos and tests leave in the checkout: runs/ (every run's checkpoints and metrics, also
 # your own runs if their output_dir is under runs/), data/ (the demo data) and .pytest_cache. Keeps .venv.

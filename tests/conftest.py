@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -30,10 +33,63 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason=missing[0]))
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
+def fail_missing_cluster(item: pytest.Item) -> None:
     missing = unmet(item)
     if missing and missing[1]:
         pytest.fail(f"DTRAIN_REQUIRE_CLUSTER=1 but: {missing[0]}", pytrace=False)
+
+
+# The two tiers: `make check` runs the tests not marked slow, `make test` runs all. What puts a test in the
+# slow tier is starting a Python process (a fresh interpreter imports torch: seconds per process on 2 cores),
+# so a test not marked slow that starts one fails, during its fixtures' set-up too, with the marker to add:
+# a new test cannot land in the fast tier by being forgotten. Other programs (a stand-in scontrol, a shell)
+# stay allowed: they start in milliseconds.
+# Any word of the command that names one counts (`ip netns exec h1 python ...`, `bash launch/ddp.sh`): the
+# repository's launch scripts, sbatch files and Makefile targets all start Python.
+PYTHON_PROGRAMS = ("python", "torchrun", "srun", "sbatch", "salloc", "make")
+PYTHON_SCRIPTS = (".py", ".sh", ".sbatch")
+
+
+def starts_python(args) -> bool:
+    """Whether a Popen command (a list or a shell string) starts a Python interpreter or a launcher of one."""
+    words = args.split() if isinstance(args, (str, bytes)) else [os.fspath(a) for a in args]
+    names = [os.path.basename(str(w)) for w in words]
+    return any(n.startswith(PYTHON_PROGRAMS) or n.endswith(PYTHON_SCRIPTS) for n in names)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    fail_missing_cluster(item)
+    with fast_tier_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with fast_tier_guard(item):
+        return (yield)
+
+
+@contextlib.contextmanager
+def fast_tier_guard(item: pytest.Item) -> Iterator[None]:
+    """While a test not marked slow sets up and runs, starting a Python process fails it."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    original = subprocess.Popen.__init__
+
+    def guarded(popen, args, *rest, **kwargs):
+        if starts_python(args):
+            command = args if isinstance(args, str) else " ".join(map(str, args))
+            pytest.fail(f"{item.nodeid} starts a Python process ({command[:120]}): mark it @pytest.mark.slow "
+                        "(make test runs it; make check leaves it out)", pytrace=False)
+        original(popen, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = original
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ def same_position(a: dict, b: dict) -> bool:
     return {**a, "tracker_run_id": ""} == {**b, "tracker_run_id": ""}
 
 
+@pytest.mark.slow
 def test_background_checkpoints_equal_synchronous_ones(tmp_path):
     """Every saved step, bit for bit: the host copy holds the state of its step, not a later one."""
     args = [*SYNTH, "checkpoint_every=2", "keep_last=100", "max_steps=8", "epochs=1"]
@@ -71,6 +72,7 @@ def test_background_checkpoints_equal_synchronous_ones(tmp_path):
                    for p in a["optimizer"]["state"] for k in a["optimizer"]["state"][p]), name
 
 
+@pytest.mark.slow
 def test_kill_during_a_background_write_leaves_the_previous_checkpoint(tiny_images, tmp_path):
     out = tmp_path / "run"
     args = [*FAST, f"data.root={tiny_images}", f"output_dir={out}", "checkpoint_every=2", "keep_last=0",
@@ -93,6 +95,7 @@ def test_kill_during_a_background_write_leaves_the_previous_checkpoint(tiny_imag
     assert torch.load(ckpt_dir / "last.pt", weights_only=True)["state"]["step"] == 12
 
 
+@pytest.mark.slow
 def test_a_stop_signal_waits_for_the_write_in_flight(tmp_path):
     out = tmp_path / "run"
     proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
@@ -107,6 +110,7 @@ def test_a_stop_signal_waits_for_the_write_in_flight(tmp_path):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pt", f"step_{stopped:08d}.pt"]  # pruned after
 
 
+@pytest.mark.slow
 def test_an_error_waits_for_the_write_in_flight(tmp_path):
     """Ctrl-C (not a stop signal: no save of its own) while a slow background write runs: the process ends
     only after the write, and last.pt is that save."""
@@ -122,6 +126,7 @@ def test_an_error_waits_for_the_write_in_flight(tmp_path):
     assert not list(ckpt_dir.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_fsdp_background_saves_equal_synchronous_ones_and_resume(tmp_path):
     """Sharded: torch.distributed.checkpoint.async_save on a group of its own, completed by rank 0."""
     out = tmp_path / "run"
@@ -146,6 +151,7 @@ def test_fsdp_background_saves_equal_synchronous_ones_and_resume(tmp_path):
     assert [r["step"] for r in records(out, "train")] == list(range(1, 9))
 
 
+@pytest.mark.slow
 @needs_mounts
 def test_checkpoints_turning_read_only_stop_both_ranks_with_one_line(tmp_path, mounts):
     """DDP: rank 0's background write fails; rank 1 learns it at the next save, and both stop with its line."""

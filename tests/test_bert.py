@@ -65,6 +65,7 @@ def ddp_run(ws: Path) -> Path:
 # Training runs
 
 
+@pytest.mark.slow
 def test_single_process_run_learns_and_counts_every_validation_example(single_run: Path):
     evals = records(single_run, "eval")
     assert [r["epoch"] for r in evals] == [0, 1, 2]
@@ -74,6 +75,7 @@ def test_single_process_run_learns_and_counts_every_validation_example(single_ru
     assert 0.0 <= evals[-1]["macro_f1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_finishes_with_exact_eval_count(ddp_run: Path):
     # find_unused_parameters is off (the default): BERT's classifier uses every parameter, pooler included,
     # or DDP would have failed on the second step.
@@ -83,6 +85,7 @@ def test_two_process_ddp_run_finishes_with_exact_eval_count(ddp_run: Path):
     assert len(list((ddp_run / "checkpoints").glob("step_*.pt"))) >= 1
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(ws: Path, single_run: Path, ddp_run: Path):
     """Dropout off, same global batch: 2 x 4 under DDP ends where 1 x 8 does (AdamW, 36 steps)."""
     single, ddp = weights(single_run), weights(ddp_run)
@@ -95,6 +98,7 @@ def test_two_ranks_match_one_process(ws: Path, single_run: Path, ddp_run: Path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_match_one_process_and_export_the_whole_model(ws: Path, single_run: Path, tmp_path: Path):
     """FSDP shards each encoder layer over 2 ranks (batch 4 each): it ends where 1 x 8 does, and the
     exported model (gathered from the shards) is the checkpoint's model."""
@@ -121,12 +125,14 @@ def initial_bert_weights(ws: Path) -> dict[str, torch.Tensor]:
     return {"bert." + k: v for k, v in load_file(str(ws / "model" / "model.safetensors")).items()}
 
 
+@pytest.mark.slow
 def test_ranks_tokenize_once_and_share_the_cache(ddp_run: Path, ws: Path):
     """Rank 0 tokenizes first; rank 1 finds the same fingerprint in the cache instead of tokenizing again."""
     tokenized = [p for p in (ws / "cache_ddp").rglob("cache-*.arrow")]
     assert len(tokenized) == 2, tokenized  # one per split (train, validation), not one per split per rank
 
 
+@pytest.mark.slow
 def test_eval_metrics_equal_an_independent_computation(ddp_run: Path, ws: Path):
     """Accuracy and macro-F1 reduced over 2 ranks equal those of the exported model on the whole file."""
     rows = read_csv(ws / "val.csv")
@@ -143,6 +149,7 @@ def test_eval_metrics_equal_an_independent_computation(ddp_run: Path, ws: Path):
     assert last["loss"] == pytest.approx(loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_saved_pretrained_model_loads_back_with_the_same_logits(single_run: Path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -164,6 +171,7 @@ def test_saved_pretrained_model_loads_back_with_the_same_logits(single_run: Path
     assert got.argmax(dim=1).tolist()[:2] == [1, 0]  # it learned: positive, then negative
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_ends_where_an_uninterrupted_run_ends(ws: Path, tmp_path: Path):
     common = ("batch_size=8", "epochs=2", "optim.schedule=constant", "optim.warmup_steps=0", "resume=auto")
     check_ok(run_train(tiny_args(ws, tmp_path / "straight", *common), timeout=240))
@@ -181,6 +189,7 @@ def varied(ws: Path) -> list[str]:
     return [f"data.train_files={ws / 'varied_train.csv'}", f"data.validation_files={ws / 'varied_val.csv'}"]
 
 
+@pytest.mark.slow
 def test_length_grouped_run_killed_mid_epoch_on_two_ranks_resumes_exactly(ws: Path, tmp_path: Path):
     """SIGKILL of the whole 2-rank job in the middle of epoch 2 (during a checkpoint write); the restarted job
     skips exactly what was trained, so it ends with the weights of an uninterrupted run."""
@@ -203,6 +212,7 @@ def test_length_grouped_run_killed_mid_epoch_on_two_ranks_resumes_exactly(ws: Pa
     assert all(r["samples"] == VAL_ROWS for r in records(out, "eval"))
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_with_another_global_batch_trains_the_rest_of_the_grouped_epoch_once(ws: Path,
                                                                                             tmp_path: Path):
     """Length groups follow the global batch: batch 3 continues batch 8's epoch order (56 left: 18 steps of 3
@@ -243,6 +253,7 @@ def test_grouping_by_length_pads_less_and_evaluates_every_example(ws: Path, tmp_
     assert seen["true"][2] == seen["false"][2] == VAL_ROWS
 
 
+@pytest.mark.slow
 def test_multi_label_from_jsonl_lists(ws: Path, tmp_path: Path):
     out = tmp_path / "genres"
     check_ok(run_train(tiny_args(ws, out, "model.problem_type=multi_label", "data.label_column=genres",
@@ -299,6 +310,7 @@ def bad_ws(ws: Path) -> Path:
     return ws
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing text column", "missing label column", "empty file", "header only",
                                   "label not in data.labels", "label id out of range", "float labels",
                                   "no tokenizer", "hub name, not a directory", "max_length above position limit"])
@@ -312,6 +324,7 @@ def test_bad_input_is_one_clear_error_line(bad_ws: Path, tmp_path: Path, case: s
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_on_two_ranks_stops_both_without_waiting(bad_ws: Path, tmp_path: Path):
     """Rank 0 meets the error while preparing the data first; rank 1 must not wait for it at a barrier.
 

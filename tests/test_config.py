@@ -112,6 +112,7 @@ def test_help_lists_every_key_with_type_and_default():
         assert f.metadata.get("help"), f"{key} has no help text"
 
 
+@pytest.mark.slow
 def test_cli_help_and_cli_errors_exit_2_with_one_line():
     proc = run_train(["--help"])
     assert proc.returncode == 0 and "optim.lr" in proc.stdout and "data.image_size" in proc.stdout
@@ -131,6 +132,7 @@ def test_cli_help_and_cli_errors_exit_2_with_one_line():
     (b"epochs: 2\noptim:\n\tlr: 0.1\n", ["line 3, column 1", "never tabs"]),
     (b"epochs: [1, 2\nbatch_size: 3\n", ["line 2, column", "expected ',' or ']'"]),
 ], ids=["binary", "tab", "unclosed list"])
+@pytest.mark.slow
 def test_unreadable_config_files_are_one_line_with_the_place(tmp_path, content, needles):
     path = tmp_path / "config.yaml"
     path.write_bytes(content)

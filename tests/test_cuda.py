@@ -7,6 +7,9 @@ import torch
 
 from helpers import FAST, assert_one_clear_error, read_checkpoint, read_metrics, records, run_torchrun, run_train
 
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
 SYNTHETIC = [*FAST, "data.synthetic=true", "data.synthetic_train_size=64", "data.synthetic_val_size=9",
              "max_steps=4", "num_workers=1"]
 

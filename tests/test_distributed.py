@@ -16,6 +16,9 @@ from helpers import (FAST, PATCHED_TRAIN, THREADS_AFTER_MAIN, assert_one_clear_e
                      start_ranks, wait_until, weights, write_image_folder)
 
 
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
 def test_two_ranks_train_evaluate_exactly_and_only_rank0_writes(tiny_images, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "saves.log"

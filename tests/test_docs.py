@@ -70,6 +70,7 @@ def relative_links(text: str) -> list[str]:
     return targets
 
 
+@pytest.mark.slow
 def test_configuration_page_is_generated_from_the_config():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-m", "dtrain.config", "--markdown"], cwd=ROOT, env=env,
@@ -135,6 +136,7 @@ def squeeze(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, quote, args, code", QUOTED_ERRORS,
                          ids=[f"{q[0]}: {q[1][7:40]}" for q in QUOTED_ERRORS])
 def test_a_quoted_error_is_what_the_run_prints_with_the_exit_code_the_docs_give(page, quote, args, code, tmp_path):

@@ -15,6 +15,9 @@ from dtrain import export
 from dtrain.checkpoint import consolidate
 from helpers import SYNTH, assert_one_clear_error, run_bounded, run_torchrun, run_train, subprocess_env
 
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:

@@ -24,6 +24,7 @@ EXACT = [*FAST, "data.augment=true", "data.min_crop_scale=0.5", "num_workers=1",
     # iterator) draws from it in a different place in a resumed run
     ["model.dropout=0.5", "num_workers=0"],
 ], ids=["no-dropout", "dropout"])
+@pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_images, tmp_path, model_args):
     args = [*EXACT, f"data.root={tiny_images}", *model_args]
     reference = tmp_path / "reference"
@@ -39,6 +40,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tiny_images, tmp_path
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_worker_under_elastic_restart_finishes_identically(tiny_images, tmp_path):
     args = [*EXACT, f"data.root={tiny_images}", "num_workers=0", "batch_size=1"]
     reference = tmp_path / "reference"
@@ -51,6 +53,7 @@ def test_sigkill_of_one_worker_under_elastic_restart_finishes_identically(tiny_i
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tiny_images, tmp_path):
     out = tmp_path / "run"
     args = [*FAST, f"data.root={tiny_images}", f"output_dir={out}", "checkpoint_every=2", "keep_last=0",
@@ -70,6 +73,7 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tiny_images, 
     assert not list(ckpt_dir.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_a_clear_error_or_skips(tiny_images, tmp_path):
     args = [*FAST, f"data.root={tiny_images}", "optim.lr=1e30", "epochs=1"]
     proc = run_train([*args, f"output_dir={tmp_path / 'stop'}"])
@@ -96,6 +100,7 @@ def test_a_nonfinite_step_read_later_is_still_named_exactly():
         watch.raise_if_seen(epoch=1)
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_even_while_saving(tmp_path):
     out = tmp_path / "run"
     proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}",
@@ -109,6 +114,7 @@ def test_second_signal_exits_at_once_even_while_saving(tmp_path):
     assert not (out / "checkpoints" / "last.pt").exists()  # the half-written file was never renamed
 
 
+@pytest.mark.slow
 def test_stop_signal_single_process_saves_and_exits_3(tmp_path):
     out = tmp_path / "run"
     proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}"])
@@ -121,6 +127,7 @@ def test_stop_signal_single_process_saves_and_exits_3(tmp_path):
     assert read_checkpoint(out)["state"]["step"] == stopped
 
 
+@pytest.mark.slow
 def test_signal_to_the_whole_process_group_is_handled_once_by_the_trainer(tmp_path):
     """Slurm and terminals signal every process, DataLoader workers included: only the trainer acts."""
     out = tmp_path / "run"
@@ -190,6 +197,7 @@ def assert_last_checkpoint_loads(ckpt_dir: Path, read_only_mid_save: bool = Fals
     return last["state"]["step"]
 
 
+@pytest.mark.slow
 @needs_mounts
 @pytest.mark.parametrize("save", [[], ["async_save=true"]], ids=["synchronous", "background"])
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mounts, save):
@@ -206,6 +214,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     assert assert_last_checkpoint_loads(out / "checkpoints") >= 1
 
 
+@pytest.mark.slow
 @needs_mounts
 def test_checkpoints_turning_read_only_mid_run_stop_both_ranks_with_one_line(tmp_path, mounts):
     out = tmp_path / "run"
@@ -221,6 +230,7 @@ def test_checkpoints_turning_read_only_mid_run_stop_both_ranks_with_one_line(tmp
     assert_last_checkpoint_loads(out / "checkpoints", read_only_mid_save=True)
 
 
+@pytest.mark.slow
 @needs_mounts
 @pytest.mark.parametrize("spoil", ["read-only", "a file"])
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, mounts, spoil):
@@ -236,6 +246,7 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, mo
     assert not (out / "metrics.jsonl").exists()  # refused before the first step
 
 
+@pytest.mark.slow
 def test_a_killed_data_loading_worker_is_one_line_and_leaves_no_process(tmp_path):
     import psutil
 
@@ -253,6 +264,7 @@ def test_a_killed_data_loading_worker_is_one_line_and_leaves_no_process(tmp_path
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
 
 
+@pytest.mark.slow
 def test_ctrl_c_outside_the_stop_signals_is_one_line_without_a_traceback(tmp_path):
     out = tmp_path / "run"
     proc = start([*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", f"output_dir={out}"])

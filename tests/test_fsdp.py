@@ -17,6 +17,9 @@ import torch
 from helpers import (FAST, PATCHED_TRAIN, SYNTH, assert_one_clear_error, finish, logged_steps, losses, max_difference,
                      records, run_elastic_killing_worker_1, run_torchrun, run_train, start_ranks, wait_until, weights)
 
+
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
 # Runs continued with a larger max_steps: a constant lr, as the schedule's length depends on max_steps.
 CONSTANT_LR = ["optim.schedule=constant"]
 
@@ -61,22 +64,30 @@ def test_killed_worker_under_elastic_restart_finishes_identically(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+RESHARDED = [*SYNTH, *CONSTANT_LR, "data.synthetic_train_size=144"]
+
+
+@pytest.fixture(scope="module")
+def one_process_at_batch_12(tmp_path_factory) -> Path:
+    """What each resharded run must end at: one process, batch 12, 8 steps (one run for every world size pair)."""
+    one = tmp_path_factory.mktemp("one_process_at_batch_12")
+    assert run_train([*RESHARDED, "batch_size=12", "max_steps=8", f"output_dir={one}"]).returncode == 0
+    return one
+
+
 @pytest.mark.parametrize("first, then", [((2, 6), (1, 12)), ((1, 12), (2, 6)), ((2, 6), (3, 4))],
                          ids=["2->1", "1->2", "2->3"])
-def test_resharding_to_another_world_size_continues_where_one_process_goes(tmp_path, first, then):
+def test_resharding_to_another_world_size_continues_where_one_process_goes(tmp_path, first, then,
+                                                                          one_process_at_batch_12):
     """The global batch stays 12; a checkpoint written by N ranks is read by M (DCP reshards it)."""
-    common = [*SYNTH, *CONSTANT_LR, "data.synthetic_train_size=144", "resume=auto",
-              f"output_dir={tmp_path / 'run'}", "mode=fsdp"]
+    common = [*RESHARDED, "resume=auto", f"output_dir={tmp_path / 'run'}", "mode=fsdp"]
     (nproc, batch), (nproc2, batch2) = first, then
     proc = run_torchrun([*common, f"batch_size={batch}", "max_steps=4"], nproc=nproc)
     assert proc.returncode == 0, proc.stderr
     proc = run_torchrun([*common, f"batch_size={batch2}", "max_steps=8"], nproc=nproc2, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout
-    one = tmp_path / "one"
-    assert run_train([*SYNTH, *CONSTANT_LR, "data.synthetic_train_size=144", "batch_size=12", "max_steps=8",
-                      f"output_dir={one}"]).returncode == 0
-    gap = max_difference(weights(one), weights(tmp_path / "run"))
+    gap = max_difference(weights(one_process_at_batch_12), weights(tmp_path / "run"))
     assert gap < 1e-5, f"resharded run differs from one process by {gap}"
 
 

@@ -169,6 +169,7 @@ def listing(root):
     return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
+@pytest.mark.slow
 def test_prepare_writes_a_resized_copy_lists_unreadable_files_and_never_touches_src(source, tmp_path):
     before = listing(source)
     proc = prepare(source, tmp_path / "dst", "--short-side", 64, "--quality", 90, "--workers", 2)
@@ -182,6 +183,7 @@ def test_prepare_writes_a_resized_copy_lists_unreadable_files_and_never_touches_
     assert "13 written, 0 already there, 1 unreadable" in proc.stdout
 
 
+@pytest.mark.slow
 def test_prepare_is_idempotent_and_finishes_an_interrupted_run(source, tmp_path):
     dst = tmp_path / "dst"
     assert prepare(source, dst, "--short-side", 64).returncode == 0
@@ -207,6 +209,7 @@ def test_prepare_is_idempotent_and_finishes_an_interrupted_run(source, tmp_path)
     (["{src}", "{tmp}/dst", "--short-side", "0"], "--short-side must be >= 1"),
     (["{src}", "{tmp}/dst", "--short-side", "64", "--quality", "101"], "--quality must be 1-100"),
 ])
+@pytest.mark.slow
 def test_prepare_bad_arguments_are_one_line_and_exit_2(source, tmp_path, args, needle):
     before = listing(source)
     proc = prepare(*[a.format(tmp=tmp_path, src=source) for a in args])
@@ -230,6 +233,7 @@ def tiny_jpegs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_v2_recipe_on_jpegs_resumed_mid_epoch_equals_an_uninterrupted_run(tiny_jpegs, tmp_path):
     from test_recipe_runs import test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run as check
 

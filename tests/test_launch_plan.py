@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from dtrain.errors import ConfigError
-from dtrain.launch_plan import choose
+from dtrain.launch_plan import choose, main
 from helpers import ROOT, read_metrics, run_bounded, subprocess_env
 
 
@@ -39,6 +39,19 @@ def test_more_processes_than_gpus_is_one_clear_error():
         choose(1, 16, requested=2)
 
 
+def test_the_dry_run_prints_the_choice_and_the_torchrun_command_or_one_error_line(capsys):
+    """What the Makefile's LAUNCH runs, in this process (the make tests below run it through make)."""
+    assert main(["--gpus=0", "--cpus=2", "--dry-run", "train.py", "epochs=1"]) == 0
+    choice, command = capsys.readouterr().out.splitlines()
+    assert choice.startswith("launch: no GPU")
+    assert command == f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 train.py epochs=1"
+    assert main(["--nproc=2", "--gpus=1", "--dry-run", "train.py"]) == ConfigError.exit_code
+    assert capsys.readouterr().err.startswith("error: NPROC=2 but 1 GPU visible")
+    assert main(["--nproc=-1", "train.py"]) == ConfigError.exit_code
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: NPROC must be a whole number >= 1")
+
+
 def make_demo(target: str, *make_vars: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """The Makefile's own recipe for `target`, with this interpreter as the venv's and the data taken as built
     (-o: neither .venv nor the demo data is made)."""
@@ -47,6 +60,7 @@ def make_demo(target: str, *make_vars: str, timeout: float = 60) -> subprocess.C
                        subprocess_env(), merge_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, config", [("demo", "configs/image/mnist_demo.yaml"),
                                             ("demo-bert", "configs/bert/minilm_rotten_tomatoes.yaml")])
 @pytest.mark.parametrize("gpus, nproc", [(0, 2), (1, 1), (4, 2)])
@@ -59,12 +73,14 @@ def test_make_demo_prints_its_choice_and_launches_that(target, config, gpus, npr
     assert command.endswith(launch), command
 
 
+@pytest.mark.slow
 def test_make_demo_refuses_more_processes_than_gpus():
     done = make_demo("demo", "NPROC=2", "LAUNCH_FLAGS=--gpus=1 --dry-run")
     assert done.returncode != 0
     assert "error: NPROC=2 but 1 GPU visible" in done.stdout and "Traceback" not in done.stdout
 
 
+@pytest.mark.slow
 def test_make_demo_trains_on_this_machine(tiny_images, tmp_path):
     """The real recipe, no flags: on a machine without GPUs, 2 Gloo processes that finish the run."""
     out = tmp_path / "run"
@@ -88,6 +104,7 @@ def test_the_docs_quote_the_lines_the_plan_prints():
     assert "more processes than GPUs is refused" in trouble and "NPROC=2 but 1 GPU visible" in str(refused.value)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_cuda
 def test_make_demo_on_this_gpu_machine_runs_one_process_per_gpu(tiny_images, tmp_path):
     import torch

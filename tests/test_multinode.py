@@ -19,6 +19,9 @@ from helpers import MNIST_DEMO_CONFIG as CONFIG
 from helpers import (NETNS_TOOLS, finish, read_checkpoint, run_bounded, start_command, subprocess_env,
                      wait_until)
 
+
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
 # A few steps of a small model on synthetic images: fast on 2 cores; collectives fail after 60 s.
 TINY = ["data.synthetic=true", "data.synthetic_train_size=256", "data.synthetic_val_size=64",
         "model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32", "data.val_crop_ratio=1.0",

@@ -37,6 +37,7 @@ def final_eval(output_dir: Path) -> dict:
     return {k: v for k, v in record.items() if k not in ("kind", "epoch", "step")}
 
 
+@pytest.mark.slow
 def test_nproc_runs_what_torchrun_runs_bit_for_bit(reference, tmp_path):
     out = tmp_path / "run"
     proc = run_train([*EXACT, f"output_dir={out}", "nproc=2"])
@@ -47,6 +48,7 @@ def test_nproc_runs_what_torchrun_runs_bit_for_bit(reference, tmp_path):
     assert read_checkpoint(out)["state"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_workers_get_what_torchrun_gives_them(tmp_path):
     """Same variables (values too, but for the rendezvous's port and run id), python -u, a session of their own."""
     env = subprocess_env()
@@ -106,6 +108,7 @@ print(json.dumps({"metrics": metrics, "failure": failure, "out": out.getvalue(),
 """
 
 
+@pytest.mark.slow
 def test_python_entry_point_returns_the_same_metrics_and_raises_on_failure(reference, tmp_path):
     good = {**dict(word.split("=", 1) for word in EXACT), "output_dir": str(tmp_path / "run"),
             "deterministic": True, "threads": 1}  # typed values as well as strings
@@ -126,6 +129,7 @@ def test_python_entry_point_returns_the_same_metrics_and_raises_on_failure(refer
     assert result["handlers_restored"] and result["environ_restored"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM to the launcher", "SIGUSR1 to the launcher", "Ctrl-C in a terminal"])
 def test_stop_signal_reaches_each_worker_once_they_save_at_one_step_and_exit_3(tmp_path, how):
     name = how.split()[0].replace("Ctrl-C", "SIGINT")
@@ -154,6 +158,7 @@ def test_stop_signal_reaches_each_worker_once_they_save_at_one_step_and_exit_3(t
         assert steps[-3:] == [stopped, stopped + 1, stopped + 2] and len(steps) == len(set(steps))
 
 
+@pytest.mark.slow
 def test_ctrl_c_outside_the_stop_signals_is_one_line_and_130(tmp_path):
     out = tmp_path / "run"
     launcher = start([*LONG, f"output_dir={out}", "nproc=2"])
@@ -165,6 +170,7 @@ def test_ctrl_c_outside_the_stop_signals_is_one_line_and_130(tmp_path):
     assert error_lines(done.stderr) == [] and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_killed_ends_the_job_within_timeout_s_with_one_line(tmp_path):
     out = tmp_path / "run"
     launcher = start([*LONG, f"output_dir={out}", "nproc=2", "timeout_s=30"])
@@ -178,6 +184,7 @@ def test_a_worker_killed_ends_the_job_within_timeout_s_with_one_line(tmp_path):
     assert_one_clear_error(done, f"rank 1 (pid {worker.pid}) was killed by SIGKILL", "the other workers were stopped")
 
 
+@pytest.mark.slow
 def test_workers_of_a_launcher_killed_with_sigkill_save_at_one_step_and_stop(tmp_path):
     """Nothing can forward a SIGKILL: each worker notices it lost its launcher and sends itself a stop signal."""
     import psutil
@@ -200,6 +207,7 @@ def test_workers_of_a_launcher_killed_with_sigkill_save_at_one_step_and_stop(tmp
     assert read_checkpoint(out)["state"]["step"] == stopped
 
 
+@pytest.mark.slow
 def test_max_restarts_restarts_the_workers_and_the_run_ends_as_if_never_killed(reference, tmp_path):
     out = tmp_path / "run"
     launcher = start([*EXACT, f"output_dir={out}", "nproc=2", "max_restarts=1"])
@@ -211,6 +219,7 @@ def test_max_restarts_restarts_the_workers_and_the_run_ends_as_if_never_killed(r
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_a_worker_error_is_its_own_one_line_and_the_launcher_adds_none(tmp_path):
     root = write_image_folder(tmp_path / "data", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}})
     (root / "train" / "a" / "001.png").write_bytes(b"\x89PNG broken")
@@ -220,6 +229,7 @@ def test_a_worker_error_is_its_own_one_line_and_the_launcher_adds_none(tmp_path)
     assert "[rank " in assert_one_clear_error(proc, "train/a/001.png")
 
 
+@pytest.mark.slow
 def test_nproc_under_torchrun_or_srun_is_one_line_and_exit_2(tmp_path):
     args = [*FAST, "data.synthetic=true", f"output_dir={tmp_path}", "nproc=2"]
     ranks = run_ranks(args, world_size=2, timeout=120)  # as torchrun starts them
@@ -239,6 +249,7 @@ def test_nproc_under_torchrun_or_srun_is_one_line_and_exit_2(tmp_path):
     (["max_restarts=1"], "max_restarts restarts the workers that nproc=N starts"),
     (["nproc=2", "mode=dp"], "mode=dp is one process"),
 ])
+@pytest.mark.slow
 def test_bad_nproc_values_are_one_line_and_exit_2(words, message):
     proc = run_train(["--config", "configs/image/mnist_demo.yaml", *words])
     assert proc.returncode == 2

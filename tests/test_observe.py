@@ -13,6 +13,9 @@ import torch
 from helpers import (FAST, PATCHED_TRAIN, error_lines, finish, logged_steps, records, run_torchrun, start_ranks,
                      wait_until)
 
+
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
 LONG = [*FAST, "data.synthetic=true", "data.synthetic_train_size=100000", "data.num_classes=4"]
 
 

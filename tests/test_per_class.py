@@ -16,6 +16,9 @@ import torch
 
 from helpers import FAST, records, run_torchrun, run_train
 
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
 ARGS = [*FAST, "optim.lr=0.05"]
 
 

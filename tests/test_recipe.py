@@ -39,12 +39,14 @@ from helpers import FAST, ROOT, Numbers, assert_one_clear_error, env_of, run_tra
     ("optim.backbone_lr_scale=0", ["'optim.backbone_lr_scale' must be > 0"]),
     ("optim.warmup_epochs=-1", ["'optim.warmup_epochs' must be >= 0"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.slow
 def test_bad_values_of_the_recipe_keys_are_one_line_and_exit_2(tmp_path, override, needles):
     proc = run_train([*FAST, "data.synthetic=true", f"output_dir={tmp_path}", *override.split()], timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert_one_clear_error(proc, *needles)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode_args", [[], ["mode=dp"]], ids=["one process", "DataParallel"])
 def test_sync_bn_is_refused_where_there_are_no_ranks_to_sync(tmp_path, mode_args):
     proc = run_train([*FAST, "model.arch=resnet18", "model.dropout=-1", "data.synthetic=true", "sync_bn=true",

@@ -8,11 +8,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import (PATCHED_TRAIN, ROOT, kill_session, losses, read_checkpoint, read_metrics, records, run_torchrun,
                      start, wait_until)
 
+
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
 V2 = ["--config", str(ROOT / "configs" / "image" / "resnet50_v2.yaml")]
 # The preset at test size: resnet18 (BatchNorm, so the EMA averages buffers too) at 32 px, crops of 24 px,
 # 2 epochs of 6 steps (24 images: 12 per rank per epoch with ra_reps=4), an EMA update every 2 steps after a

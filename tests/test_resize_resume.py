@@ -108,6 +108,7 @@ def kill_in_second_save(args: list[str], world_size: int, out: Path, hang: str) 
     finish(procs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, hang", [("ddp", "HANG_ON_SAVE"), ("fsdp", "HANG_IN_SHARDED_SAVE")])
 def test_killed_and_resumed_on_3_then_1_ranks_trains_every_sample_of_each_epoch_once(tmp_path, mode, hang, capsys):
     out = tmp_path / "run"

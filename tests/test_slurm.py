@@ -23,7 +23,7 @@ from cluster_slurm import SlurmCluster
 from helpers import MNIST_DEMO_CONFIG as CONFIG
 from helpers import ROOT, logged_steps, read_checkpoint, records, run_bounded, wait_until
 
-pytestmark = pytest.mark.needs_slurm
+pytestmark = [pytest.mark.needs_slurm, pytest.mark.slow]  # slow: starts Python processes (tests/conftest.py)
 # A few steps of a small model: fast on 2 cores. Every run logs each step (the preemption test
 # watches metrics.jsonl) and fails a collective after 60 s instead of the default 600.
 TINY = ["model.arch=squeezenet1_1", "model.dropout=0", "data.image_size=32", "data.val_crop_ratio=1.0",

@@ -39,12 +39,14 @@ def reference(tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("reference"), *BIG_BATCH)
 
 
+@pytest.mark.slow
 def test_reference_run_trains(reference: Path):
     moved = max_difference(weights(reference), initial_weights())
     assert moved > 1e-3, "the reference run did not change the weights: the comparisons below would be vacuous"
     assert len(losses(reference)) == STEPS
 
 
+@pytest.mark.slow
 def test_accumulating_k_micro_batches_equals_one_step_at_k_times_the_batch(reference: Path, tmp_path: Path):
     run = train(tmp_path, "batch_size=2", "grad_accum_steps=4")
     # Same 8 samples per step; only the summation order of the gradient differs (float rounding).
@@ -83,6 +85,7 @@ train["exit_process"](code)
 """
 
 
+@pytest.mark.slow
 def test_ddp_accumulation_all_reduces_once_per_optimizer_step(reference: Path, tmp_path: Path):
     script = tmp_path / "counting_train.py"
     script.write_text(COUNTING_TRAIN)
@@ -102,12 +105,14 @@ def test_ddp_accumulation_all_reduces_once_per_optimizer_step(reference: Path, t
     assert max_difference(weights(out), weights(reference)) < 1e-5
 
 
+@pytest.mark.slow
 def test_ddp_static_graph_matches(reference: Path, tmp_path: Path):
     proc = run_torchrun([*SYNTHETIC, "batch_size=4", "ddp.static_graph=true", f"output_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert max_difference(weights(tmp_path), weights(reference)) < 1e-5
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_same_losses(reference: Path, tmp_path: Path):
     run = train(tmp_path, *BIG_BATCH, "channels_last=true")
     assert losses(run) == pytest.approx(losses(reference), rel=1e-4)
@@ -117,6 +122,7 @@ def test_channels_last_gives_the_same_losses(reference: Path, tmp_path: Path):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_losses(reference: Path, tmp_path: Path):
     cache = tmp_path / "inductor"
     # One compile worker: on 2 cores a pool of compile processes only competes with itself.
@@ -146,6 +152,7 @@ train["exit_process"](code)
     (["threads=3"], {"OMP_NUM_THREADS": "1"}, 3, "threads: 3 per process (threads=3)"),
     ([], {}, len(os.sched_getaffinity(0)), "cores / 1 process on this node)"),
 ])
+@pytest.mark.slow
 def test_thread_count_follows_the_setting_then_the_environment_then_the_cores(tmp_path: Path, setting, env,
                                                                                expected, said):
     script, report = tmp_path / "threads_train.py", tmp_path / "threads"
@@ -158,6 +165,7 @@ def test_thread_count_follows_the_setting_then_the_environment_then_the_cores(tm
     assert said in proc.stdout and proc.stdout.count("threads: ") == 1
 
 
+@pytest.mark.slow
 def test_fused_optimizer_steps_by_default_and_train_like_the_unfused_ones(reference: Path, tmp_path: Path):
     from dtrain.config import load_config
     from dtrain.optim import build_optimizer
@@ -213,6 +221,7 @@ def test_resume_keeps_this_runs_optimizer_implementation():
     fused.step()  # the fused kernel accepts the loaded state
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(reference: Path, tmp_path: Path):
     run = train(tmp_path, *BIG_BATCH, "precision=bf16")
     got, want = list(losses(run).values()), list(losses(reference).values())
@@ -220,11 +229,13 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(reference: Path, tmp_path: Pat
     assert got != want, "bf16 gave bit-identical losses: autocast did not take effect"
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_a_clear_error(tmp_path: Path):
     proc = run_train([*SYNTHETIC, "precision=fp16", "mode=cpu", f"output_dir={tmp_path}"])
     assert_one_clear_error(proc, "fp16", "GPU", "bf16")
 
 
+@pytest.mark.slow
 @pytest.mark.needs_cuda
 def test_fp16_with_gradient_scaler_on_gpu(tmp_path: Path):
     # 8 steps: the scaler may skip the first few while it lowers its initial scale (65536) to fit fp16.

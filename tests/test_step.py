@@ -92,6 +92,7 @@ def test_a_deferred_nonfinite_record_costs_no_op_per_step_and_names_the_first_ba
     watch.raise_if_seen(epoch=2)  # what was read is forgotten: the next interval starts clean
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deferred", [False, True], ids=["read-every-step", "read-at-log-steps"])
 def test_a_nonfinite_gradient_stops_the_run_at_the_step_it_happened(tmp_path, deferred):
     out = tmp_path / "run"
@@ -106,6 +107,7 @@ def test_a_nonfinite_gradient_stops_the_run_at_the_step_it_happened(tmp_path, de
     assert read_checkpoint(out)["state"]["step"] == 2  # nothing a bad step reached was saved
 
 
+@pytest.mark.slow
 def test_the_norm_of_fsdp_shards_and_their_clipping_equal_torchs():
     # One all-reduce of the local sum of squares instead of torch's DTensor ops (one `.to` each through
     # DTensor's Python dispatch); 2 ranks, with a layer whose rows do not divide evenly.

@@ -17,6 +17,9 @@ import torch
 from helpers import (FAST, SYNTH, max_difference, read_checkpoint, read_metrics, records, run_torchrun, run_train,
                      weights)
 
+
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
 # resnet18 has BatchNorm everywhere; at 32 px its last stage sees 1x1 maps, so the statistics of a half batch
 # differ from the whole batch's a lot. Two steps: a third and fourth step amplify float rounding through
 # BatchNorm of 4-8 values per channel (max difference 1e-6 after 2 steps, 1e-3 after 4, in both directions).

@@ -26,6 +26,9 @@ from helpers import (SYNTH, TRAIN, finish, free_port, kill_session, logged_steps
                      run_torchrun, run_train, start, start_command, subprocess_env, wait_until)
 
 
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
 # ---------------------------------------------------------------------------------------------
 # A real MLflow tracking server
 

@@ -11,9 +11,18 @@ from helpers import (FAST, assert_one_clear_error, read_checkpoint, read_metrics
                      write_image_folder)
 
 
-def test_single_process_run_leaves_every_output(tiny_images, tmp_path):
-    out = tmp_path / "run"
-    proc = run_train([*FAST, f"data.root={tiny_images}", f"output_dir={out}", "epochs=2", "keep_last=1"])
+# Every test here starts Python processes (tests/conftest.py: the two tiers).
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_images, tmp_path_factory):
+    """`python train.py` for 2 epochs of tiny_images: (its output_dir, the finished process)."""
+    out = tmp_path_factory.mktemp("two_epochs") / "run"
+    return out, run_train([*FAST, f"data.root={tiny_images}", f"output_dir={out}", "epochs=2", "keep_last=1"])
+
+
+def test_single_process_run_leaves_every_output(two_epoch_run):
+    out, proc = two_epoch_run
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.yaml").is_file()
     assert list((out / "tb").glob("events.out.tfevents.*"))
@@ -97,9 +106,9 @@ def test_bad_input_gives_one_clear_error(case, tmp_path, tiny_images):
     assert_one_clear_error(proc, *needles)
 
 
-def test_checkpoint_of_another_architecture_is_refused(tiny_images, tmp_path):
-    out = tmp_path / "run"
-    assert run_train([*FAST, f"data.root={tiny_images}", f"output_dir={out}", "max_steps=1"]).returncode == 0
+def test_checkpoint_of_another_architecture_is_refused(tiny_images, tmp_path, two_epoch_run):
+    out, finished = two_epoch_run
+    assert finished.returncode == 0, finished.stderr
     proc = run_train([*FAST, f"data.root={tiny_images}", f"output_dir={tmp_path / 'o'}", "model.arch=resnet18",
                       "model.dropout=-1", f"resume={out / 'checkpoints' / 'last.pt'}"])
     assert_one_clear_error(proc, "does not match this run", "arch='squeezenet1_1' (this run: 'resnet18')")
