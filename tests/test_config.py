@@ -141,6 +141,7 @@ def test_unreadable_config_files_are_one_line_with_the_place(tmp_path, content, 
     assert_one_clear_error(proc, str(path), *needles)
 
 
+@pytest.mark.slow
 def test_a_setting_the_launch_cannot_run_exits_2_with_one_line(tmp_path):
     """Found by the run, not the loader (it needs the launch), but the fix is a key: the same exit code as
     any config mistake (docs/checkpoints.md, the table of exit codes)."""

@@ -29,6 +29,7 @@ def tiny(monkeypatch):
     return TINY
 
 
+@pytest.mark.slow
 def test_a_workload_registered_by_its_own_script_trains_under_torchrun_with_two_ranks(tmp_path):
     out = tmp_path / "tiny"
     proc = run_torchrun(["workload=tiny", f"output_dir={out}", "epochs=3", "batch_size=8", "num_workers=0",
@@ -46,6 +47,7 @@ def test_a_workload_registered_by_its_own_script_trains_under_torchrun_with_two_
     assert "workload: tiny" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, needles", [
     (["train.py", "--config", "configs/image/mnist_demo.yaml", "data.random_erase=2"],
      ["'data.random_erase' is a probability"]),
@@ -76,6 +78,7 @@ def test_a_registered_workload_brings_its_keys_and_checks(tiny):
         load_config(None, ["workload=huge"])
 
 
+@pytest.mark.slow
 def test_config_help_and_errors_do_not_import_torch():
     """train.py loads the config (and reports its mistakes) before torch: the registry and every built-in
     workload's sections are torch-free; the builders are imported when a run starts."""
