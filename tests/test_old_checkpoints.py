@@ -86,6 +86,7 @@ def test_old_checkpoint_loads_every_part(source, tmp_path):
     try:
         assert t.state.step == FIXTURE_STEP and t.state.epoch == 0
         assert t.state.samples_in_epoch == meta["state"]["samples_in_epoch"] > 0
+        assert t.state.best_score == meta["state"]["best_accuracy"]  # the old name of best_score
         assert_equal_tensors(t.strategy.raw_model.state_dict(), expected["model"], "model")
         ema_whole = t.ema.whole_state()
         assert_equal_tensors(ema_whole, expected["ema"], "EMA")
