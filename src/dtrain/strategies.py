@@ -197,9 +197,9 @@ class FSDP(Strategy):
         if fsdp.cpu_offload and self.env.device.type != "cuda":
             raise ConfigError("fsdp.cpu_offload=true needs GPUs: on the CPU the parameters are in CPU memory already")
         model = self.sync_batch_norm(model.to(self.env.device))
-        # FSDP2 shards only contiguous parameters, and channels_last gives conv weights NHWC strides:
-        # they go back to contiguous. The inputs stay channels_last, which is what makes cuDNN pick
-        # its NHWC kernels (on an H200, fully_shard raised NotImplementedError otherwise).
+        # FSDP2 shards only contiguous parameters (fully_shard raises NotImplementedError on others), and
+        # channels_last gives conv weights NHWC strides: they go back to contiguous. The inputs stay
+        # channels_last, which is what makes cuDNN pick its NHWC kernels.
         for p in model.parameters():
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
