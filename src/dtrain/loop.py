@@ -202,9 +202,8 @@ def prepare(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopRequest, he
                 steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), ema, heartbeat,
                 timing=TimingWatch(cfg.num_workers),
                 profiler=Profiler(cfg.output_dir, env.rank, cfg.profile.start_step, cfg.profile.steps,
-                                  cfg.profile.cuda_memory))
+                                  cfg.profile.cuda_memory), checkpointer=checkpointer)
     t.flops_per_sample = count_flops(t)
-    t.checkpointer = checkpointer
     if cfg.record_samples and not cfg.eval_only:
         t.ledger = open_ledger(cfg, env, state.step)
     return t
