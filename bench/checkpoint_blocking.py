@@ -7,7 +7,7 @@
 The state is a bert-base-sized BertForSequenceClassification (110M parameters, random weights from a
 config: nothing is downloaded) and its AdamW state after one step, as the loop saves it. Synchronous:
 dtrain.checkpoint.save_checkpoint (write, fsync, rename, link, prune), all of it on the loop's time.
-Background: what the loop does with async_save=true (dtrain.loop.BackgroundSaves.start_file): the copy
+Background: what the loop does with async_save=true (dtrain.checkpointer.OneFile.write): the copy
 into host buffers kept between saves, then the same save_checkpoint in a thread; blocked is the time
 until the loop may continue, and the write's own duration is reported beside it. The first background
 save also allocates the host buffers and is reported apart. Repetitions alternate sync and background,
@@ -57,7 +57,7 @@ def build_state(work: Path, device: str, quick: bool) -> tuple[dict, int]:
     optimizer.step()
     params = sum(p.numel() for p in model.parameters())
     payload = {"format_version": ckpt.FORMAT_VERSION, "identity": {}, "scheduler": {}, "scaler": {},
-               "state": ckpt.state_dict_of(ckpt.TrainState()), "config": {},
+               "state": ckpt.TrainState().state_dict(), "config": {},
                "model": model.state_dict(), "optimizer": optimizer.state_dict()}
     return payload, params
 
@@ -72,7 +72,7 @@ def save_sync(payload: dict, folder: Path, step: int) -> dict[str, float]:
 def save_background(payload: dict, folder: Path, step: int, host: ckpt.HostCopy,
                     write: ckpt.BackgroundWrite) -> dict[str, float]:
     start = time.perf_counter()
-    copied = host.take(payload)  # what BackgroundSaves.start_file does
+    copied = host.take(payload)  # what OneFile.write does in the background
     write.start(lambda: ckpt.save_checkpoint(copied, folder, step, keep_last=1, is_best=False))
     blocked = time.perf_counter() - start
     failure = write.wait()

@@ -72,6 +72,7 @@ def write_checkpoints(work: Path) -> dict[str, float]:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from dtrain import checkpoint as ckpt
+    from dtrain.checkpointer import ModelAndOptimizer
     from dtrain.config import load_config, to_dict
 
     model_dir = write_bert_base_dir(work / "bert-base")
@@ -84,7 +85,7 @@ def write_checkpoints(work: Path) -> dict[str, float]:
     meta = {"format_version": ckpt.FORMAT_VERSION, "scheduler": {}, "scaler": {}, "state": {}, "config": to_dict(cfg),
             "identity": {"workload": "bert", "labels": ["neg", "pos"], "num_labels": 2}}
     torch.save({**meta, "model": state, "optimizer": optim}, work / "single.pt")
-    tensors, rest = ckpt.split_tensors(state, optim)
+    tensors, rest = ModelAndOptimizer.split(state, optim)
     fresh_dir(work / "sharded")
     dcp.save(tensors, checkpoint_id=work / "sharded", no_dist=True)
     torch.save({**meta, **rest}, work / "sharded" / ckpt.STATE_FILE)

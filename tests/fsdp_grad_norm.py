@@ -2,8 +2,6 @@
 each rank's shards with one all-reduce, equal torch's clip_grad_norm_ on the same DTensors. Prints
 'rank R: same norm N, same clipped shards' or fails with an AssertionError."""
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn

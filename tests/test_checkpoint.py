@@ -14,7 +14,7 @@ from dtrain.errors import UserError
 def payload(step: int) -> dict:
     return {"format_version": ckpt.FORMAT_VERSION, "identity": {"workload": "image", "arch": "resnet18"},
             "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scheduler": {}, "scaler": {},
-            "state": ckpt.state_dict_of(ckpt.TrainState(step=step)), "config": {"workload": "image"}}
+            "state": ckpt.TrainState(step=step).state_dict(), "config": {"workload": "image"}}
 
 
 def test_save_writes_step_file_last_and_best_without_leftovers(tmp_path):

@@ -93,7 +93,7 @@ def test_ema_of_two_ranks_equals_one_process_and_is_evaluated_after_the_model(em
     kinds = [r["kind"] for r in read_metrics(tmp_path) if r["kind"].startswith("eval")]
     assert kinds == ["eval", "eval_ema"]
     assert last["state"]["best_metric"] == "ema_accuracy"
-    assert last["state"]["best_accuracy"] == pytest.approx(two_ema["accuracy"])  # best.pt chosen by the EMA
+    assert last["state"]["best_score"] == pytest.approx(two_ema["accuracy"])  # best.pt chosen by the EMA
     assert last["ema_updates"] == 3
 
 

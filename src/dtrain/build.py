@@ -16,14 +16,14 @@ from torch import nn
 
 from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
+from dtrain.checkpointer import Checkpointer, EMAState, RngState
 from dtrain.config import Config, save_config
 from dtrain.data import ResumableSampler, make_loaders, to_device
 from dtrain.dist import DistEnv, agree_on_failure, barrier
 from dtrain.ema import ModelEMA
 from dtrain.errors import ConfigError, UserError
 from dtrain.ledger import SampleLedger, truncate_after
-from dtrain.loop import (BackgroundSaves, NonfiniteWatch, autocast_context, evaluate_and_log, fit, restore,
-                         wait_for_background_save)
+from dtrain.loop import NonfiniteWatch, autocast_context, evaluate_and_log, fit
 from dtrain.metrics import RunLogger
 from dtrain.observe import Heartbeat, Profiler, StepClock, TimingWatch, flops_per_sample
 from dtrain.optim import build_optimizer, build_scheduler, warmup_steps
@@ -102,7 +102,7 @@ def built_trainer(cfg: Config, env: DistEnv, strategy: Strategy | None = None,
         try:
             yield trainer
         finally:
-            wait_for_background_save(trainer)  # an error too: a write in flight ends before the process does
+            trainer.checkpointer.close()  # an error too: a write in flight ends before the process does
             trainer.profiler.close()
             trainer.logger.close()
             if trainer.ledger is not None:
@@ -138,7 +138,7 @@ class Trainer:
     timing: TimingWatch | None = None  # every rank's timing -> metrics and straggler warnings
     profiler: Profiler | None = None
     flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
-    saves: BackgroundSaves | None = None  # async_save: the checkpoint write in flight
+    checkpointer: Checkpointer | None = None  # saves and restores every checkpointed part
     ledger: SampleLedger | None = None  # record_samples: this rank's sample ledger
 
 
@@ -203,9 +203,12 @@ def build_trainer(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopReque
     # Different seed per rank from here on (dropout, augmentation in the main process).
     seed_everything(cfg.seed + 1000 * env.rank, cfg.deterministic)
     state = TrainState(world_size=env.world_size)
-    state = restore(cfg, env, strategy, task, optimizer, scheduler, scaler, ema) or state
+    checkpointer = Checkpointer(cfg, env, strategy, task.identity, heartbeat, parts={
+        "model": strategy.checkpoint_part(optimizer), "ema": EMAState(ema, env) if ema is not None else None,
+        "scheduler": scheduler, "scaler": scaler, "state": state, "rng": RngState(env)})
+    checkpointer.load()
     if state.best_metric != cfg.best_metric:  # resumed with another best_metric: best.pt is chosen afresh
-        state.best_metric, state.best_accuracy = cfg.best_metric, -1.0
+        state.best_metric, state.best_score = cfg.best_metric, -1.0
     logger = RunLogger(cfg.output_dir, env, cfg.progress, start_trackers(cfg, env, state))
     if ema is not None:
         logger.print(f"ema: updated every {ema.steps} steps with decay {ema.decay:.8g} (ema.decay={cfg.ema.decay} "
@@ -215,10 +218,8 @@ def build_trainer(cfg: Config, env: DistEnv, strategy: Strategy, stop: StopReque
                 steps_per_epoch, state, logger, stop, NonfiniteWatch(env.device), ema, heartbeat,
                 timing=TimingWatch(cfg.num_workers),
                 profiler=Profiler(cfg.output_dir, env.rank, cfg.profile.start_step, cfg.profile.steps,
-                                  cfg.profile.cuda_memory))
+                                  cfg.profile.cuda_memory), checkpointer=checkpointer)
     t.flops_per_sample = count_flops(t)
-    if cfg.async_save and not cfg.eval_only:
-        t.saves = BackgroundSaves(env, strategy.sharded)
     if cfg.record_samples and not cfg.eval_only:
         t.ledger = open_ledger(cfg, env, state.step)
     return t

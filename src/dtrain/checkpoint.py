@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +39,10 @@ import torch
 
 from dtrain.errors import UserError
 
-FORMAT_VERSION = 2  # 1: optimizer state by parameter position (torch's own format); 2: by parameter name
-READABLE_VERSIONS = (1, 2)
+# 1: optimizer state by parameter position (torch's own format), no longer read; 2: by parameter name. Within
+# format 2, older entries are read by upgrade().
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (2,)
 REQUIRED_KEYS = ("format_version", "identity", "scheduler", "scaler", "state", "config")
 STATE_FILE = "train_state.pt"  # in a sharded checkpoint: everything but the tensors
 STEP_ENTRY = re.compile(r"step_(\d+)(\.pt)?$")
@@ -48,20 +50,28 @@ STEP_ENTRY = re.compile(r"step_(\d+)(\.pt)?$")
 
 @dataclass
 class TrainState:
-    """Where training stands; saved in every checkpoint."""
+    """Where training stands; saved in every checkpoint (the Checkpointer's `state` part)."""
 
     epoch: int = 0  # epoch in progress (or next to start when samples_in_epoch == 0)
     step: int = 0  # optimizer steps taken in total
     samples_in_epoch: int = 0  # global samples consumed in `epoch` (mid-epoch resume skips them)
-    best_accuracy: float = -1.0  # the best value of best_metric so far (the name predates best_metric)
+    best_score: float = -1.0  # the best value of best_metric so far
     world_size: int = 1  # world size that wrote the checkpoint
-    best_metric: str = "accuracy"  # what best_accuracy measures
+    best_metric: str = "accuracy"  # what best_score measures
     tracker_run_id: str = ""  # the experiment trackers' run, continued on resume ('' in older checkpoints)
     # The layout that began `epoch` (world size, batch_size, grad_accum_steps; 0: unknown, an older
     # checkpoint): it fixes the epoch's sample order and end, so a resize can deal out the rest.
     epoch_world_size: int = 0
     epoch_batch_size: int = 0
     epoch_grad_accum_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """In place (the loop holds this object); a field the checkpoint lacks keeps its default."""
+        for f in fields(self):
+            setattr(self, f.name, state.get(f.name, f.default))
 
 
 @dataclass
@@ -390,8 +400,12 @@ def _check_structure(data: Any, path: Path) -> None:
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
         raise UserError(f"checkpoint {path} is not a dtrain checkpoint (missing {', '.join(missing)})")
-    if data["format_version"] not in READABLE_VERSIONS:
-        raise UserError(f"checkpoint {path} has format {data['format_version']}, this code reads "
+    version = data["format_version"]
+    if version == 1:  # optimizer state by parameter position
+        raise UserError(f"checkpoint {path} has the old format 1, which this code no longer reads: resume it once "
+                        "with dtrain at commit 0ca16d3 or older (not in mode=fsdp); its next save has format 2")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"checkpoint {path} has format {version}, this code reads "
                         f"{', '.join(map(str, READABLE_VERSIONS))}")
 
 
@@ -482,38 +496,24 @@ def load_latest(candidates: list[Path], warn) -> Checkpoint | None:
     return None
 
 
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's plain entries as the current code reads them: older entries renamed or filled in."""
+    state = dict(data["state"])
+    if "best_accuracy" in state:  # the old name of best_score, which holds any best_metric
+        state["best_score"] = state.pop("best_accuracy")
+    if not state.get("epoch_world_size"):  # unknown: the epoch began under the layout that saved it
+        state["epoch_world_size"] = state.get("world_size", 1)
+        state["epoch_batch_size"] = data["config"]["batch_size"]
+        state["epoch_grad_accum_steps"] = data["config"].get("grad_accum_steps", 1)
+    return {**data, "state": state}
+
+
 def check_identity(data: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """A checkpoint from another workload / architecture / class count is an error naming the difference."""
     diffs = [f"{k}={data['identity'].get(k)!r} (this run: {v!r})"
              for k, v in identity.items() if data["identity"].get(k) != v]
     if diffs:
         raise UserError(f"checkpoint {path} does not match this run: {', '.join(diffs)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensors and the rest: a sharded checkpoint keeps only tensors in its shards
-
-
-def split_tensors(model_state: dict[str, Any], optim_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what the shards hold, what train_state.pt holds): tensors go to the shards; the optimizer's
-    param_groups and any non-tensor value go with the rest, where weights-only loading reads them."""
-    tensors = {"model": {k: v for k, v in model_state.items() if isinstance(v, torch.Tensor)},
-               "optimizer_state": {name: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
-                                   for name, s in optim_state.get("state", {}).items()}}
-    rest = {"model_other": {k: v for k, v in model_state.items() if not isinstance(v, torch.Tensor)},
-            "optimizer_param_groups": optim_state.get("param_groups", []),
-            "optimizer_state_other": {name: {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
-                                      for name, s in optim_state.get("state", {}).items()}}
-    return tensors, rest
-
-
-def join_tensors(tensors: dict[str, Any], rest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The reverse of split_tensors: (model state, optimizer state)."""
-    model_state = {**tensors["model"], **rest.get("model_other", {})}
-    names = set(tensors["optimizer_state"]) | set(rest.get("optimizer_state_other", {}))
-    state = {name: {**tensors["optimizer_state"].get(name, {}), **rest.get("optimizer_state_other", {}).get(name, {})}
-             for name in names}
-    return model_state, {"state": state, "param_groups": rest["optimizer_param_groups"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,10 +538,6 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def state_dict_of(state: TrainState) -> dict[str, Any]:
-    return asdict(state)
-
-
 # ---------------------------------------------------------------------------------------------
 # python -m dtrain.checkpoint consolidate SHARDED OUT.pt
 
@@ -558,13 +554,10 @@ def consolidate(source: Path, out: Path) -> Path:
         whole = Path(tmp) / "whole.pt"
         dcp_to_torch_save(checkpoint.path, whole)
         tensors = torch.load(whole, map_location="cpu", weights_only=True)
-    model_state, optim_state = join_tensors(tensors, checkpoint.data)
-    rest = {k: v for k, v in checkpoint.data.items()
-            if k not in ("model_other", "optimizer_param_groups", "optimizer_state_other")}
-    if "ema" in tensors:  # the model EMA (ema.enabled), whole like the model
-        rest["ema"] = tensors["ema"]
+    from dtrain.checkpointer import consolidated_entries  # each tensor part's own format (the model's, the EMA's)
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({**rest, "model": model_state, "optimizer": optim_state}, out)
+    _atomic_torch_save(consolidated_entries(tensors, checkpoint.data), out)
     return out
 
 

@@ -98,9 +98,16 @@ class ModelEMA:
 
     # Checkpoints: whole tensors in a single file (rank 0), this rank's shards in a sharded checkpoint.
 
-    def whole_state(self) -> dict[str, torch.Tensor]:
-        """Whole tensors on the CPU (a collective where the average is sharded)."""
-        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).cpu().clone() for n, t in self.tensors.items()}
+    def whole_state(self, is_main: bool = True) -> dict[str, torch.Tensor]:
+        """Whole tensors on the CPU where is_main ({} elsewhere: only rank 0 writes a single file). Every rank
+        calls it where the average is sharded (gathering a shard is a collective)."""
+        whole = {}
+        for n, t in self.tensors.items():
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            if is_main:
+                whole[n] = t.cpu().clone()
+        return whole
 
     def load_whole(self, state: dict[str, torch.Tensor]) -> None:
         """From whole tensors (a single-file checkpoint); a sharded average takes its own shard of each."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,17 +14,12 @@ import torch
 
 from dtrain import checkpoint as ckpt
 from dtrain.checkpoint import TrainState
-from dtrain.config import Config, to_dict
 from dtrain.data import Layout, to_device
-from dtrain.dist import (DistEnv, agree_on_failure, barrier, broadcast_object, gather_floats, gather_objects,
+from dtrain.dist import (agree_on_failure, barrier, broadcast_object, gather_floats, gather_objects,
                          max_over_ranks)
-from dtrain.ema import ModelEMA
 from dtrain.errors import StopTraining, UserError
 from dtrain.metrics import Throughput
-from dtrain.optim import keep_implementation
 from dtrain.stopping import requeue_slurm_job
-from dtrain.strategies import Strategy
-from dtrain.workloads import Task
 
 if TYPE_CHECKING:  # dtrain.build makes the Trainer and imports this module
     from dtrain.build import Trainer
@@ -95,7 +89,7 @@ def fit(t: Trainer) -> dict[str, float]:
             stop_after_save(t)
     if not metrics:  # resumed a finished run: report where it stands
         metrics = evaluate_and_log(t)
-    finish_saves(t)  # the run's last checkpoint is complete before the run reports it is done (and exports it)
+    t.checkpointer.finish()  # the run's last checkpoint is complete before the run reports it is done (and exports it)
     if t.task.export is not None:  # from the checkpoint just saved: no gather of the model onto one rank
         failure = None
         if t.env.is_main:
@@ -197,7 +191,7 @@ def start_epoch_data(t: Trainer) -> None:
 
 def stop_after_save(t: Trainer) -> None:
     """Every rank got here at the same step, after the checkpoint was written."""
-    finish_saves(t)  # a background write: stopped only once it is complete (and last.pt points at it)
+    t.checkpointer.finish()  # a background write: stopped only once it is complete (and last.pt points at it)
     exit_code = StopTraining.exit_code
     if t.env.is_main:
         t.logger.print(f"stopped at step {t.state.step}: checkpoint saved in {ckpt.checkpoint_dir(t.cfg.output_dir)}")
@@ -386,177 +380,15 @@ def evaluate_and_record(t: Trainer, kind: str) -> dict[str, Any]:
 
 
 def save(t: Trainer, score: float | None) -> None:
-    """All ranks call this. Rank 0 writes one file, or (sharded) every rank writes its part; nobody
-    runs ahead (or exits) until the checkpoint is in place, and a failure anywhere stops every rank.
+    """All ranks call this; the checkpointer writes every part (and stops every rank if that fails anywhere).
     `score` is this save's value of best_metric (None when it was not evaluated)."""
     t.nonfinite.raise_if_seen(last_trained_epoch(t.state))  # never checkpoint what a bad step reached
     t.heartbeat.enter("checkpoint")
-    finish_saves(t)  # one write at a time: a save waits for the previous one (and stops if it failed)
-    state, env = t.state, t.env
-    is_best = score is not None and score > state.best_accuracy
+    state = t.state
+    is_best = score is not None and score > state.best_score
     if is_best:
-        state.best_accuracy = score
-    state.world_size = env.world_size
-    meta = {
-        "format_version": ckpt.FORMAT_VERSION,
-        "identity": t.task.identity,
-        "scheduler": t.scheduler.state_dict(),
-        "scaler": t.scaler.state_dict(),
-        "state": ckpt.state_dict_of(state),
-        "rng": gather_objects(ckpt.rng_state(), env),
-        "config": to_dict(t.cfg),
-    }
-    if t.ema is not None:
-        meta["ema_updates"] = t.ema.updates
-    model_state, optim_state = t.strategy.state_dicts(t.optimizer)  # a collective under FSDP
-    ckpt_dir, failure = ckpt.checkpoint_dir(t.cfg.output_dir), None
-    try:
-        if t.strategy.sharded:
-            tensors, rest = ckpt.split_tensors(model_state, optim_state)
-            if t.ema is not None:
-                tensors["ema"] = t.ema.tensors  # this rank's shards, as the model's
-            if t.saves is not None:
-                t.saves.start_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best)
-            else:
-                ckpt.save_sharded(tensors, {**meta, **rest}, ckpt_dir, state.step, t.cfg.keep_last, is_best,
-                                  env.is_main)
-        elif env.is_main:
-            if t.ema is not None:
-                meta["ema"] = t.ema.whole_state()
-            payload = {**meta, "model": model_state, "optimizer": optim_state}
-            if t.saves is not None:
-                t.saves.start_file(payload, ckpt_dir, state.step, t.cfg.keep_last, is_best)
-            else:
-                ckpt.save_checkpoint(payload, ckpt_dir, state.step, t.cfg.keep_last, is_best)
-    except UserError as e:
-        failure = e
-    # Also the barrier: nobody runs ahead (or exits) before the save is complete, or (async_save) before
-    # its state is copied off the device; a background write's failure is learnt at the next finish_saves.
-    agree_on_failure(failure, env)
-    t.logger.outputs({"checkpoint_dir": str(ckpt_dir.resolve()), "checkpoint_step": str(state.step),
+        state.best_score = score
+    state.world_size = t.env.world_size
+    t.checkpointer.save(state.step, is_best)
+    t.logger.outputs({"checkpoint_dir": str(t.checkpointer.ckpt_dir.resolve()), "checkpoint_step": str(state.step),
                       **({"best_step": str(state.step)} if is_best else {})})
-
-
-class BackgroundSaves:
-    """async_save=true: the state is copied to host memory at the save, then written in a thread."""
-
-    def __init__(self, env: DistEnv, sharded: bool):
-        self.env = env
-        self.write = ckpt.BackgroundWrite()
-        self.host = ckpt.HostCopy()
-        # torch.distributed.checkpoint's background thread runs collectives: on a group of its own, so
-        # that they never interleave with the training's on the default group.
-        self.group, self.stager = None, None
-        if sharded:
-            self.stager = ckpt.sharded_stager(env.device.type == "cuda")
-        if sharded and env.distributed:
-            import torch.distributed as dist
-
-            self.group = dist.new_group(backend="gloo")
-
-    def start_file(self, payload: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, is_best: bool) -> None:
-        copied = self.host.take(payload)
-        self.write.start(lambda: ckpt.save_checkpoint(copied, ckpt_dir, step, keep_last, is_best))
-
-    def start_sharded(self, tensors: dict[str, Any], meta: dict[str, Any], ckpt_dir: Path, step: int,
-                      keep_last: int, is_best: bool) -> None:
-        ckpt.save_sharded_in_background(tensors, meta, ckpt_dir, step, keep_last, is_best, self.env.is_main,
-                                        self.group, self.write, self.stager)
-
-    def close(self) -> UserError | None:
-        """After the last save: the write in flight ends; its failure (or None) comes back."""
-        failure = self.write.wait()
-        if self.stager is not None:
-            self.stager.close()
-            self.stager = None
-        return failure
-
-
-def finish_saves(t: Trainer) -> None:
-    """All ranks: wait for the background write in flight; if it failed anywhere, every rank stops with its error."""
-    if t.saves is None:
-        return
-    if t.saves.write.busy:  # a hang report would name where this rank waits
-        t.heartbeat.enter("checkpoint")
-    agree_on_failure(t.saves.write.wait(), t.env)
-
-
-def wait_for_background_save(t: Trainer) -> None:
-    """On the way out, whatever the reason: the write in flight ends (complete or failed) first. No
-    collective here: the other ranks may be gone."""
-    if t.saves is None:
-        return
-    failure = t.saves.close()
-    if failure is not None:
-        print(f"warning [rank {t.env.rank}]: {failure}", file=sys.stderr, flush=True)
-
-
-def restore(cfg: Config, env: DistEnv, strategy: Strategy, task: Task, optimizer, scheduler, scaler,
-            ema: ModelEMA | None) -> TrainState | None:
-    """Load the checkpoint named by cfg.resume (either kind, from any mode) into the wrapped model."""
-    checkpoint = find_checkpoint(cfg, env)
-    if checkpoint is None:
-        if cfg.eval_only:  # evaluating freshly initialised weights would report a meaningless score
-            raise UserError(f"eval_only=true found no checkpoint in {ckpt.checkpoint_dir(cfg.output_dir)}: "
-                            "give resume=PATH, or the output_dir of a trained run")
-        return None
-    data, path = checkpoint.data, checkpoint.path
-    ckpt.check_identity(data, task.identity, path)
-    has_ema = ema is not None and "ema_updates" in data
-    if checkpoint.sharded:
-        tensors, _ = ckpt.split_tensors(*strategy.load_target(optimizer))
-        if has_ema:
-            tensors["ema"] = ema.tensors
-        ckpt.load_sharded_tensors(checkpoint, tensors)  # into this rank's own tensors (the EMA's too)
-        model_state, optim_state = ckpt.join_tensors(tensors, data)
-        strategy.load_state_dicts(optimizer, model_state, keep_implementation(optimizer, optim_state), whole=False)
-    elif data["format_version"] == 1:  # optimizer state by parameter position: only into the same layout
-        if strategy.sharded:
-            raise UserError(f"checkpoint {path} has the old format 1, which mode=fsdp cannot read: resume it "
-                            "once in another mode (its next save has the current format)")
-        strategy.raw_model.load_state_dict(data["model"])
-        optimizer.load_state_dict(keep_implementation(optimizer, data["optimizer"]))
-    else:
-        strategy.load_state_dicts(optimizer, data["model"], keep_implementation(optimizer, data["optimizer"]),
-                                  whole=True)
-    if has_ema:
-        if not checkpoint.sharded:  # a sharded checkpoint's EMA was read with the other tensors
-            ema.load_whole(data["ema"])
-        ema.updates = data["ema_updates"]
-    elif ema is not None:
-        ema.start_from_model()
-        if env.is_main:
-            print(f"checkpoint {path} holds no EMA: the average starts from its weights", flush=True)
-    scheduler.load_state_dict(data["scheduler"])
-    scaler.load_state_dict(data["scaler"])
-    state = TrainState(**data["state"])
-    if state.world_size == env.world_size and data.get("rng"):
-        ckpt.set_rng_state(data["rng"][env.rank])
-    if not state.epoch_world_size:  # an older checkpoint: its epoch began under the layout that saved it
-        state.epoch_world_size, state.epoch_batch_size = state.world_size, data["config"]["batch_size"]
-        state.epoch_grad_accum_steps = data["config"].get("grad_accum_steps", 1)
-    if env.is_main:
-        print(f"resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
-    return state
-
-
-def find_checkpoint(cfg: Config, env: DistEnv) -> ckpt.Checkpoint | None:
-    """Rank 0 picks the checkpoint (reporting damaged ones it skips); every rank then reads that one."""
-    found, failure = None, None
-    if env.is_main:
-        try:
-            found = ckpt.load_latest(ckpt.resume_candidates(cfg.resume, cfg.output_dir),
-                                     warn=lambda msg: print(msg, flush=True))
-        except UserError as e:
-            failure = e
-    agree_on_failure(failure, env)
-    chosen = broadcast_object(None if found is None else str(found.path), env)
-    if chosen is None:
-        return None
-    if not env.is_main:
-        try:
-            found = ckpt.read_checkpoint(Path(chosen))
-        except UserError as e:  # e.g. an output_dir that is not on a file system every node shares
-            failure = UserError(f"{e} (rank 0 could read it: is output_dir shared by every node?)")
-    agree_on_failure(failure, env)
-    return found

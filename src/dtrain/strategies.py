@@ -11,6 +11,8 @@ The loop, the workloads and the benchmarks use this interface and never ask whic
   no_sync(skip)              skip the gradient reduction of a non-final accumulation micro-step
   zero_grad_to_none          what optimizer.zero_grad(set_to_none=...) should do between steps
   clip_grad_norm(max_norm)   the global gradient norm as a plain tensor (clipped when max_norm > 0)
+  checkpoint_part(optimizer) the Checkpointer's model+optimizer part, over the three below
+  checkpoint_layout(...)     how a checkpoint is written: one file from rank 0, or a sharded directory
   state_dicts(optimizer)     model and optimizer state keyed by parameter names: the checkpoint format
   load_state_dicts(...)      the reverse; load_target() gives the tensors a sharded checkpoint is read into
   local_bytes(optimizer)     this rank's parameter, gradient and optimizer-state bytes
@@ -36,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from dtrain import syncbn
+from dtrain.checkpointer import ModelAndOptimizer, OneFile, Sharded
 from dtrain.config import Config
 from dtrain.dist import DistEnv
 from dtrain.errors import ConfigError
@@ -50,7 +53,7 @@ FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class Strategy:
     """One process, one device: nothing to wrap. The base of the other modes."""
 
-    sharded = False  # checkpoints: every rank writes its part (a directory), not rank 0 one file
+    checkpoint_layout = OneFile  # (env, background) -> how a save is written: rank 0 writes one file
     collective_forward = False  # every forward is a collective: all ranks must run the same number of batches
 
     def __init__(self, cfg: Config, env: DistEnv):
@@ -102,6 +105,9 @@ class Strategy:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return grad_norm_and_clip([p.grad for p in self.raw_model.parameters() if p.grad is not None], max_norm)
+
+    def checkpoint_part(self, optimizer: torch.optim.Optimizer) -> ModelAndOptimizer:
+        return ModelAndOptimizer(self, optimizer)
 
     def state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
         """Model and optimizer state, whole, on rank 0 (what it writes into one file); {} elsewhere."""
@@ -181,7 +187,7 @@ class FSDP(Strategy):
     """Fully sharded data parallel (FSDP2, fully_shard): each rank keeps 1/N of the parameters, gradients
     and optimizer state; a unit's parameters are all-gathered just before its forward and backward."""
 
-    sharded = True
+    checkpoint_layout = Sharded  # every rank writes its shards
     collective_forward = True
 
     def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
@@ -191,9 +197,9 @@ class FSDP(Strategy):
         if fsdp.cpu_offload and self.env.device.type != "cuda":
             raise ConfigError("fsdp.cpu_offload=true needs GPUs: on the CPU the parameters are in CPU memory already")
         model = self.sync_batch_norm(model.to(self.env.device))
-        # FSDP2 shards only contiguous parameters, and channels_last gives conv weights NHWC strides:
-        # they go back to contiguous. The inputs stay channels_last, which is what makes cuDNN pick
-        # its NHWC kernels (on an H200, fully_shard raised NotImplementedError otherwise).
+        # FSDP2 shards only contiguous parameters (fully_shard raises NotImplementedError on others), and
+        # channels_last gives conv weights NHWC strides: they go back to contiguous. The inputs stay
+        # channels_last, which is what makes cuDNN pick its NHWC kernels.
         for p in model.parameters():
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
