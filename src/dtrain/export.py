@@ -167,29 +167,6 @@ def export(source: Path, out: Path) -> Path:
     return exporter(checkpoint, out)
 
 
-def export_bert(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
-    """A save_pretrained folder: the run's model configuration (labels, problem type), weights, tokenizer."""
-    from dtrain.workloads.bert import configure_head, load_tokenizer, quiet_libraries
-
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    quiet_libraries()
-    saved, identity = checkpoint.data["config"], checkpoint.data["identity"]
-    source = saved["model"]["name_or_path"]
-    try:
-        hf_config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the run's model configuration in {source} (needed for config.json): "
-                        f"{str(e).splitlines()[0]}") from None
-    configure_head(hf_config, identity["labels"], saved["model"]["problem_type"], saved["model"]["dropout"])
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(checkpoint, out / "model.safetensors")
-    hf_config.architectures = [AutoModelForSequenceClassification._model_mapping[type(hf_config)].__name__]
-    hf_config.save_pretrained(out)
-    load_tokenizer(source, hf_config).save_pretrained(out)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dtrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="a run's output_dir, a step_N(.pt) checkpoint, or last/best")

@@ -52,7 +52,7 @@ WORKLOADS: dict[str, Workload] = {
     "image": Workload(image_config.ImageModelConfig, image_config.ImageDataConfig, "dtrain.workloads.image:build",
                       export="dtrain.export:write_safetensors"),
     "bert": Workload(bert_config.BertModelConfig, bert_config.BertDataConfig, "dtrain.workloads.bert:build",
-                     bert_config.check, export="dtrain.export:export_bert"),
+                     bert_config.check, export="dtrain.workloads.bert:export_pretrained"),
 }
 
 

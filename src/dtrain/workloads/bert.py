@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain.checkpoint import Checkpoint
 from dtrain.config import Config
 from dtrain.dist import DistEnv, main_first
 from dtrain.errors import UserError
@@ -553,3 +554,25 @@ def make_summarize(names: list[str], multi: bool) -> Callable[[dict[str, float]]
 
 def metric_name(label: str) -> str:
     return re.sub(r"\W+", "_", label).strip("_") or "label"
+
+
+def export_pretrained(checkpoint: Checkpoint, out: Path) -> Path:
+    """A save_pretrained folder: the run's model configuration (labels, problem type), weights, tokenizer."""
+    from dtrain.export import write_safetensors
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    quiet_libraries()
+    saved, identity = checkpoint.data["config"], checkpoint.data["identity"]
+    source = saved["model"]["name_or_path"]
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the run's model configuration in {source} (needed for config.json): "
+                        f"{str(e).splitlines()[0]}") from None
+    configure_head(hf_config, identity["labels"], saved["model"]["problem_type"], saved["model"]["dropout"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(checkpoint, out / "model.safetensors")
+    hf_config.architectures = [AutoModelForSequenceClassification._model_mapping[type(hf_config)].__name__]
+    hf_config.save_pretrained(out)
+    load_tokenizer(source, hf_config).save_pretrained(out)
+    return out
