@@ -346,9 +346,6 @@ class Uint8Crop:
     def __init__(self, pixels: torch.Tensor, erase: tuple[int, int, int, int] | None):
         self.pixels, self.erase = pixels, erase
 
-    def __reduce__(self):  # DataLoader workers pickle samples; __slots__ classes need this
-        return Uint8Crop, (self.pixels, self.erase)
-
 
 class ErasedLater:
     """The last per-sample step of the tensor path: the crop as a Uint8Crop, with v2.RandomErasing(p)'s draws
