@@ -337,9 +337,8 @@ class NormalizedFloat:
 
 class Uint8Crop:
     """A training crop still in uint8 (3 x H x W, possibly a view of H x W x 3 pixels) and the rectangle random
-    erasing drew for it (top, left, height, width), or None. collate_skipping_bad makes its batch float,
-    normalises it and erases there: one pass over the batch instead of one per sample, and a quarter of the
-    bytes collated."""
+    erasing drew for it (top, left, height, width), or None. collate_skipping_bad writes the float batch
+    directly (normalised, erased): no per-sample float tensor is made and copied again to collate it."""
 
     __slots__ = ("pixels", "erase")
 
