@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -60,6 +61,26 @@ def test_sample_augmentation_depends_only_on_epoch_and_index():
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
     assert [seeded[(0, i)] for i in reversed(range(4))] == first[::-1]  # order does not matter
     assert seeded[(1, 0)] != first[0]  # a new epoch draws new augmentation
+
+
+def test_seeded_draws_the_same_numbers_and_puts_both_generators_back_even_after_an_error():
+    import random
+
+    from dtrain.data import seeded
+
+    torch.manual_seed(3)
+    random.seed(3)
+    torch_before, python_before = torch.get_rng_state(), random.getstate()
+    draws = []
+    for _ in range(2):
+        with seeded(11):
+            draws.append((torch.rand(3), random.random()))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1] == draws[1][1]
+    with pytest.raises(KeyError):
+        with seeded(12):
+            torch.rand(3), random.random()
+            raise KeyError("a sample that fails")
+    assert torch.equal(torch.get_rng_state(), torch_before) and random.getstate() == python_before
 
 
 def test_datasets_without_randomness_are_fetched_a_batch_at_a_time_and_unseeded():

@@ -86,7 +86,9 @@ def transformed(decode: str, picture: Image.Image, seed: int, **overrides):
     source = picture if decode == "pil" else torch.from_numpy(np.array(picture)).permute(2, 0, 1)
     with seeded(seed):
         out = transform(source)
-        return out, torch.get_rng_state()
+        state = torch.get_rng_state()
+    # The tensor path hands uint8 crops to collation, which normalises and erases the batch.
+    return image.collate_skipping_bad([(out, 0)])[0][0], state
 
 
 @pytest.mark.parametrize("policy", ["ta_wide", "ra", "none"])
@@ -113,6 +115,67 @@ def test_random_erasing_draws_the_same_rectangle_on_both_paths():
         a, _ = transformed("pil", picture, seed, random_erase=1.0)
         b, _ = transformed("tensor", picture, seed, random_erase=1.0)
         assert torch.equal(a == 0, b == 0)  # the erased rectangle (zeros after normalisation) is the same
+
+
+def per_sample_and_batched(picture: Image.Image, seeds: range, **overrides):
+    """The tensor path's crops normalised and erased one by one (NormalizedFloat, v2.RandomErasing: how the path
+    worked before it batched them) and as collation does it, each sample under its own seed."""
+    steps = image.train_transform(v2_recipe("tensor", **overrides)).transforms
+    assert isinstance(steps[-1], image.ErasedLater)
+    one_by_one = v2.Compose([*steps[:-1], image.NormalizedFloat(), v2.RandomErasing(p=overrides["random_erase"])])
+    pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+    alone, crops = [], []
+    for seed in seeds:
+        with seeded(seed):
+            alone.append(one_by_one(pixels))
+            state_alone = torch.get_rng_state()
+        with seeded(seed):
+            crops.append((v2.Compose(steps)(pixels), seed % 3))
+            assert torch.equal(torch.get_rng_state(), state_alone), seed  # the same draws, in the same order
+    images, targets, bad = image.collate_skipping_bad(crops)
+    assert targets.tolist() == [seed % 3 for seed in seeds] and bad == []
+    return torch.stack(alone), images
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "none"])
+def test_batch_normalisation_and_erasing_equal_the_per_sample_steps(policy):
+    alone, batched = per_sample_and_batched(photo(150, 200), range(10), auto_augment=policy, random_erase=0.5)
+    assert batched.dtype == torch.float32 and batched.shape == alone.shape == (10, 3, 48, 48)
+    assert batched.is_contiguous()
+    assert torch.allclose(batched, alone, atol=1e-5)
+    erased = alone == 0
+    assert torch.equal(batched == 0, erased)  # the same rectangles, filled with exactly 0
+    per_sample = erased.flatten(1).any(dim=1)
+    assert 0 < int(per_sample.sum()) < 10  # p=0.5: some samples erased, some not
+
+
+def test_v2_batches_are_the_same_with_and_without_loader_workers(tiny_jpegs):
+    """The uint8 crops travel from worker processes to collation; MixUp/CutMix runs there too."""
+    from dtrain.build import build_loaders
+    from dtrain.dist import DistEnv
+    from dtrain.workloads import build_task
+
+    batches = []
+    for workers in (0, 1):
+        cfg = load_config(str(V2), [f"data.root={tiny_jpegs}", "batch_size=4", f"num_workers={workers}",
+                                    "data.train_crop_size=24", "data.random_erase=0.5"])
+        env = DistEnv(mode="single", device=torch.device("cpu"))
+        loader, sampler, _ = build_loaders(cfg, env, build_task(cfg, env))
+        sampler.start_epoch(0)
+        batches.append(list(loader)[:3])
+    for (images, targets, bad), (images_w, targets_w, bad_w) in zip(*batches):
+        assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32 and targets.shape == (4, 3)
+        assert torch.equal(images, images_w) and torch.equal(targets, targets_w) and bad == bad_w == []
+
+
+def test_planes_of_a_pil_image_are_its_pixels():
+    picture = photo()
+    expected = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+    for source in (picture, picture.convert("L"), picture.convert("P")):
+        want = torch.from_numpy(np.array(source.convert("RGB"))).permute(2, 0, 1)
+        got = image.planes(source)
+        assert got.is_contiguous() and got.dtype == torch.uint8 and torch.equal(got, want)
+    assert torch.equal(image.planes(picture), expected)
 
 
 def test_normalized_float_equals_torchvisions_steps():
@@ -142,6 +205,14 @@ def test_mix_in_place_draws_and_mixes_as_torchvisions_random_choice():
         assert torch.allclose(got_images, expected_images, atol=1e-6)
         kinds.add(torch.equal(got_images, expected_images))  # CutMix: equal; MixUp: within rounding
     assert kinds == {True, False}  # both were drawn
+
+
+def test_mixup_with_the_previous_sample_equals_roll_and_lerp_bit_for_bit():
+    for n in (1, 2, 5):
+        images = torch.randn(n, 3, 7, 9)
+        expected = images.clone().lerp_(images.roll(1, 0), 0.3)
+        image.mix_with_previous(images, 0.3)
+        assert torch.equal(images, expected), n
 
 
 # ---------------------------------------------------------------------------------------------
