@@ -38,7 +38,6 @@ from dtrain.build import built_trainer, offline_hub
 from dtrain.config import load_config
 from dtrain.data import to_device
 from dtrain.loop import autocast_context, micro_step, take_step
-from dtrain.strategies import SingleDevice
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -72,7 +71,7 @@ def main(argv=None) -> None:
 def measure(cfg, env, warmup: int, steps: int, no_ddp: bool = False) -> dict:
     ddp = env.distributed and not no_ddp
     # The configured mode's strategy, or with --no-ddp a plain copy of the model per rank.
-    with built_trainer(cfg, env, None if ddp else SingleDevice(cfg, env)) as t:
+    with built_trainer(cfg, env, mode=None if ddp else "single") as t:
         return timed_steps(t, warmup, steps, ddp)
 
 

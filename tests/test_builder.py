@@ -17,8 +17,9 @@ from dtrain.config import load_config
 from dtrain.data import to_device
 from dtrain.workloads import Task
 
-# The builders of a run's parts: only dtrain.build calls them.
-RUN_PARTS = re.compile(r"\b(build_strategy|build_optimizer|build_scheduler|make_loaders)\b")
+# The builders of a run's parts, and the project's strategy classes: only dtrain.build calls them.
+RUN_PARTS = re.compile(r"\b(build_strategy|build_optimizer|build_scheduler|make_loaders)\b"
+                       r"|\b(SingleDevice|DataParallel|DDP|FSDP)\(")
 
 
 def test_no_benchmark_builds_a_strategy_optimizer_scheduler_or_loader_itself():

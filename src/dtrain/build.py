@@ -91,14 +91,15 @@ def run(cfg: Config, env: DistEnv, strategy: Strategy, task: Task | None = None)
 
 @contextlib.contextmanager
 def built_trainer(cfg: Config, env: DistEnv, strategy: Strategy | None = None,
-                  task: Task | None = None) -> Iterator[Trainer]:
+                  task: Task | None = None, mode: str | None = None) -> Iterator[Trainer]:
     """A run's Trainer with everything around it (output folder, stop signals, hang reports), closed after the
-    block, whatever ends it. strategy: the configured mode's (None) or another; task: the workload's (None)."""
+    block, whatever ends it. strategy: the configured mode's (None), that of `mode` (e.g. "single": each rank
+    trains a copy of its own, no gradient sync) or one given; task: the workload's (None)."""
     prepare_output_dir(cfg, env)
     stop = StopRequest(cfg.stop_signals, env)  # early, so a signal during set-up is not lost
     heartbeat = Heartbeat(cfg.output_dir, env, cfg.hang_report_s).start()
     try:
-        trainer = build_trainer(cfg, env, strategy or build_strategy(cfg, env), stop, heartbeat, task)
+        trainer = build_trainer(cfg, env, strategy or build_strategy(cfg, env, mode), stop, heartbeat, task)
         try:
             yield trainer
         finally:

@@ -274,9 +274,10 @@ class FSDP(Strategy):
         return get_state_dict(self.raw_model, optimizer)
 
 
-def build_strategy(cfg: Config, env: DistEnv) -> Strategy:
+def build_strategy(cfg: Config, env: DistEnv, mode: str | None = None) -> Strategy:
+    """The strategy of env.mode, or of `mode` ("single" under torchrun: each rank trains a copy of its own)."""
     modes = {"single": SingleDevice, "dp": DataParallel, "ddp": DDP, "fsdp": FSDP}
-    return modes[env.mode](cfg, env)
+    return modes[mode or env.mode](cfg, env)
 
 
 def checkpoint_activations(units: list[nn.Module]) -> None:
