@@ -135,13 +135,12 @@ class Trainer:
     nonfinite: NonfiniteWatch
     ema: ModelEMA | None  # ema.enabled: the average of the weights, evaluated after the model
     heartbeat: Heartbeat  # where this rank is, for hang reports
+    checkpointer: Checkpointer  # saves and restores every checkpointed part
     clock: StepClock = field(default_factory=StepClock)  # this rank's data wait and compute per step
     timing: TimingWatch | None = None  # every rank's timing -> metrics and straggler warnings
     profiler: Profiler | None = None
     flops_per_sample: float = 0.0  # training FLOPs per sample (0: not countable)
-    checkpointer: Checkpointer | None = None  # saves and restores every checkpointed part
     ledger: SampleLedger | None = None  # record_samples: this rank's sample ledger
-
 
 
 def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
@@ -262,5 +261,3 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     # and its untimed default for bf16 channels_last convolutions can be far slower (as torchvision's
     # reference, which does the same). The choice can differ between runs, so deterministic runs go without.
     torch.backends.cudnn.benchmark = not deterministic
-
-

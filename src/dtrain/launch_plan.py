@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 from dtrain.errors import ConfigError
+from dtrain.processes import torchrun_cmd
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,6 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def torchrun_command(plan: Plan, script_and_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={plan.nproc}",
-            *script_and_args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    command = torchrun_command(plan, args.script_and_args)
+    command = torchrun_cmd(plan.nproc, args.script_and_args[0], args.script_and_args[1:])
     print(plan.why, flush=True)
     if args.dry_run:
         print(shlex.join(command))

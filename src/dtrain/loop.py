@@ -1,6 +1,6 @@
 """The one training loop, shared by every workload and every execution mode: it drives a `dtrain.build.Trainer`.
 
-One optimizer step is `micro_step` per micro-batch, then `optimizer_step` (`train_step` is the two together):
+One optimizer step is `micro_step` per micro-batch, then `take_step` (`train_step` is the two together):
 the benchmarks time these very functions."""
 
 from __future__ import annotations
