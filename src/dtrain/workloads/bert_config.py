@@ -58,8 +58,7 @@ class BertDataConfig(DataSection):
         if not self.validation_files and not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction must be between 0 and 1 (exclusive) when "
                               f"data.validation_files is empty, got {self.validation_fraction}")
-        if self.max_train_samples < 0:
-            raise ConfigError(f"data.max_train_samples must be >= 0, got {self.max_train_samples}")
+        self.at_least(0, "max_train_samples")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"data.labels lists a name twice: {self.labels}")
 
