@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from dtrain.config import load_config
 from dtrain.data import seeded
-from dtrain.workloads import image
+from dtrain.workloads import image, image_device
 from dtrain.workloads.image_io import read_rgb_tensor
 from helpers import ROOT, subprocess_env
 
@@ -290,6 +290,130 @@ def test_prepare_bad_arguments_are_one_line_and_exit_2(source, tmp_path, args, n
 
 
 # ---------------------------------------------------------------------------------------------
+# data.decode=gpu, its device code run on the CPU
+
+
+def on_device(planned: list, data, device=torch.device("cpu")):
+    """What the training process makes of the workers' samples (DeviceImages, as image.device_images uses it)."""
+    policy = image.train_policy(data) if data.auto_augment != "none" else None
+    transform = image_device.DeviceImages(data, data.train_crop_size or data.image_size, device, policy,
+                                          image.IMAGENET_MEAN, image.IMAGENET_STD)
+    return transform(image_device.EncodedBatch.of(planned))
+
+
+def drawn(path, seed: int, **overrides):
+    data = v2_recipe("gpu", **overrides)
+    drawer = image_device.PlanDrawer(data, 48, image.ErasedLater(data.random_erase).draw_erasing)
+    with seeded(seed):
+        planned = drawer(image_device.read_encoded(str(path)))
+        state = torch.get_rng_state()
+    images, kept, bad = on_device([planned], data)
+    assert kept == [0] and bad == []
+    return images[0], state, planned.plan
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet", "none"])
+def test_gpu_code_path_draws_as_the_cpu_paths_and_gives_their_pixels(tmp_path, policy):
+    """The same seed, the same crop box, flip, policy operations and erased rectangle: the worker's draws leave
+    torch's generator where the CPU paths leave it. Without a policy the pixels are the tensor path's bit for
+    bit (the same torchvision kernels on the same uint8 pixels); a policy operation runs on a tensor here and
+    on a PIL image on the tensor path (PIL's kernels are faster on the CPU), within the PIL-vs-tensor tolerance
+    of the test above."""
+    path = write(tmp_path / "a.jpg", photo(150, 200), quality=90)
+    picture = Image.open(path).convert("RGB")
+    erased = operations = 0
+    for seed in range(10):
+        gpu, state, plan = drawn(path, seed, auto_augment=policy, random_erase=0.5)
+        tensor, state_tensor = transformed("tensor", picture, seed, auto_augment=policy, random_erase=0.5)
+        pil, state_pil = transformed("pil", picture, seed, auto_augment=policy, random_erase=0.5)
+        assert torch.equal(state, state_tensor) and torch.equal(state, state_pil), seed
+        assert torch.equal(gpu == 0, tensor == 0), seed  # the same erased rectangle (and nothing else exactly 0)
+        erased, operations = erased + (plan.erase is not None), operations + len(plan.ops)
+        if policy == "none":
+            assert torch.equal(gpu, tensor), seed
+        assert (gpu - tensor).abs().mean() < 0.05 and (gpu - pil).abs().mean() < 0.05, seed
+    assert 0 < erased < 10
+    assert (operations > 0) == (policy != "none")  # AutoAugment's operations apply with a probability each
+
+
+def test_gpu_code_path_validation_equals_the_tensor_paths(tmp_path):
+    path = write(tmp_path / "a.jpg", photo(150, 200), quality=90)
+    data = v2_recipe("gpu")
+    images, _, _ = on_device([image_device.keep_for_validation(image_device.read_encoded(str(path)))], data)
+    expected = image.val_transform(v2_recipe("tensor"))(read_rgb_tensor(str(path)))
+    assert images.shape == (1, 3, 56, 56) and torch.equal(images[0], expected)
+
+
+def test_gpu_code_path_reads_files_as_the_tensor_path_and_reports_the_same_unreadable_ones(tmp_path):
+    """JPEGs travel as bytes; CMYK JPEGs and other files are decoded by the worker; a JPEG that fails to decode
+    is read by PIL in the training process or reported with PIL's error, as the tensor path reports it."""
+    folder = tmp_path / "train" / "a"
+    good = write(folder / "good.jpg", photo(), quality=90)
+    write(folder / "gray.jpg", photo().convert("L"), quality=90)
+    write(folder / "cmyk.jpg", photo().convert("CMYK"), quality=90)
+    write(folder / "p.png", photo().convert("P"), "PNG")
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (folder / "text.jpg").write_bytes(b"not an image at all")
+    data = v2_recipe("gpu")
+    samples = image.SafeImageFolder(str(tmp_path / "train"), transform=image_device.keep_for_validation,
+                                    loader=image_device.read_encoded)
+    items = {os.path.basename(path): samples[i] for i, (path, _) in enumerate(samples.samples)}
+    picture, (path, reason) = items.pop("text.jpg")  # not a JPEG, not an image: the worker reports it
+    assert picture is None and "UnidentifiedImageError" in reason
+    names = sorted(items)
+    assert {name: items[name][0].encoded.is_jpeg for name in names} == {
+        "cmyk.jpg": False, "good.jpg": True, "gray.jpg": True, "p.png": False, "truncated.jpg": True}
+    images, kept, bad = on_device([items[name][0] for name in names], data)
+    assert [names[k] for k in kept] == ["cmyk.jpg", "good.jpg", "gray.jpg", "p.png"]
+    assert len(bad) == 1 and bad[0][0].endswith("truncated.jpg")
+    with pytest.raises(OSError) as pil_error:
+        Image.open(folder / "truncated.jpg").convert("RGB")
+    assert type(pil_error.value).__name__ in bad[0][1]
+    tensor_path = image.val_transform(v2_recipe("tensor"))
+    for row, name in enumerate(names[:4]):
+        assert torch.equal(images[row], tensor_path(read_rgb_tensor(str(folder / name)))), name
+
+
+def loader_batches(root, decode: str, workers: int, **overrides) -> tuple[list, object]:
+    from dtrain.build import build_loaders
+    from dtrain.dist import DistEnv
+    from dtrain.workloads import build_task
+
+    cfg = load_config(str(V2), [f"data.root={root}", "batch_size=4", f"num_workers={workers}", f"data.decode={decode}",
+                                "data.train_crop_size=24", *[f"data.{k}={v}" for k, v in overrides.items()]])
+    env = DistEnv(mode="single", device=torch.device("cpu"))
+    loader, sampler, _ = build_loaders(cfg, env, build_task(cfg, env))
+    sampler.start_epoch(0)
+    batches = list(loader)[:3]
+    del loader  # persistent workers end now, not at interpreter exit
+    return batches, image.device_images(cfg.data, env, num_classes=3)
+
+
+def test_gpu_code_path_batches_equal_the_tensor_paths_with_mixup_cutmix_and_workers(tiny_jpegs, capsys):
+    """Without a policy, the training process's batch (decoded, cropped, flipped, normalised, erased, then MixUp
+    or CutMix as the batch's seed drew it in the worker) is the tensor path's, with or without loader workers."""
+    tensor, _ = loader_batches(tiny_jpegs, "tensor", 0, auto_augment="none", random_erase=0.5)
+    mixes = set()
+    for workers in (0, 1):
+        batches, device_step = loader_batches(tiny_jpegs, "gpu", workers, auto_augment="none", random_erase=0.5)
+        for (images, targets, bad), (encoded, labels, unreadable) in zip(tensor, batches):
+            assert isinstance(encoded, image_device.EncodedBatch) and unreadable == []
+            mixes.add(encoded.mix.box is None)
+            on_device_images, soft_targets, bad_on_device = device_step(encoded, labels, unreadable)
+            assert torch.equal(on_device_images, images) and torch.equal(soft_targets, targets)
+            assert bad == bad_on_device == []
+    assert mixes == {True, False}  # both MixUp and CutMix were drawn in these batches
+    assert "no GPU in this run" in capsys.readouterr().out
+
+
+def test_gpu_decode_takes_no_augmix(tmp_path):
+    from dtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.decode=tensor for augmix"):
+        v2_recipe("gpu", auto_augment="augmix")
+
+
+# ---------------------------------------------------------------------------------------------
 # Mid-epoch resume on JPEG files (decoded by torchvision.io)
 
 
@@ -309,3 +433,11 @@ def test_v2_recipe_on_jpegs_resumed_mid_epoch_equals_an_uninterrupted_run(tiny_j
     from test_recipe_runs import test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run as check
 
     check(tiny_jpegs, tmp_path)  # data.decode=tensor is the default: the same check as on the PNG folder
+
+
+@pytest.mark.slow
+def test_gpu_code_path_resumed_mid_epoch_equals_an_uninterrupted_run(tiny_jpegs, tmp_path):
+    """data.decode=gpu on the CPU: workers draw, the training processes decode and augment (2 ranks, torchrun)."""
+    from test_recipe_runs import test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run as check
+
+    check(tiny_jpegs, tmp_path, extra=["data.decode=gpu"])

@@ -28,8 +28,8 @@ SMALL = ["model.arch=resnet18", "data.image_size=32", "data.train_crop_size=24",
          "progress=false", "timeout_s=60"]
 
 
-def test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run(tiny_images, tmp_path):
-    args = [*V2, *SMALL, f"data.root={tiny_images}"]
+def test_v2_recipe_killed_mid_epoch_and_resumed_equals_an_uninterrupted_run(tiny_images, tmp_path, extra=()):
+    args = [*V2, *SMALL, f"data.root={tiny_images}", *extra]
     reference = tmp_path / "reference"
     proc = run_torchrun([*args, f"output_dir={reference}"])
     assert proc.returncode == 0, proc.stderr

@@ -26,6 +26,8 @@ from dtrain.config import Config
 from dtrain.errors import UserError
 from dtrain.workloads.image_config import ImageDataConfig, ImageModelConfig
 from dtrain.workloads.task import LoaderOptions, Task
+from dtrain.workloads.image_device import (DeviceImages, EncodedBatch, Mix, PlanDrawer, Planned, keep_for_validation,
+                                           mix_labels, placeholder, read_encoded)
 from dtrain.workloads.image_io import read_rgb_tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,9 +56,12 @@ def build(cfg: ImageRunConfig, env) -> Task:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.model.label_smoothing)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     warned: set[str] = set()
+    on_device = device_images(data, env, num_classes) if data.decode == "gpu" and not data.synthetic else None
 
     def good_part(batch):
         images, targets, bad = batch
+        if isinstance(images, EncodedBatch):
+            images, targets, bad = on_device(images, targets, bad)
         for path, reason in bad:
             if data.on_bad_image == "stop":
                 raise UserError(f"cannot read image {path}: {reason} (fix or remove it, or set data.on_bad_image=skip)",
@@ -108,6 +113,32 @@ def build(cfg: ImageRunConfig, env) -> Task:
         loading=LoaderOptions(batch_transform=mixup_cutmix(data, num_classes), ra_reps=data.ra_reps),
         confusion=confusion,
     )
+
+
+def device_images(data: ImageDataConfig, env, num_classes: int):
+    """data.decode=gpu's training-process step: (EncodedBatch, targets, unreadable) -> the float batch on the
+    run's device, its targets (soft after MixUp/CutMix), and the unreadable files with those the device found."""
+    if env.device.type != "cuda" and env.is_main:
+        print("data.decode=gpu: no GPU in this run; the training process decodes and augments each batch on the "
+              "CPU (the same code; data.decode=tensor spreads that work over the loader workers)", flush=True)
+    policy = train_policy(data) if data.augment and data.auto_augment != "none" else None
+    transform = DeviceImages(data, train_crop_size(data), env.device, policy, IMAGENET_MEAN, IMAGENET_STD)
+    told = []
+
+    def materialize(batch: EncodedBatch, targets: torch.Tensor, bad: list):
+        if not told and any(shape is not None for _, _, shape in batch.spans) and env.is_main:
+            told.append(True)
+            first = next(path for path, (_, _, shape) in zip(batch.paths, batch.spans) if shape is not None)
+            print(f"data.decode=gpu: {first} is not a JPEG nvJPEG decodes (or is CMYK); files like it are decoded "
+                  "by the loader workers, the rest of their steps run on the device", flush=True)
+        images, kept, unreadable = transform(batch)
+        if len(kept) < len(batch):
+            targets = targets[torch.tensor(kept, device=targets.device, dtype=torch.long)]
+        if batch.mix is not None and images.numel() > 0:
+            images, targets = apply_mix(images, targets, batch.mix, num_classes)
+        return images, targets, [*bad, *unreadable]
+
+    return materialize
 
 
 def summarize(sums: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -228,9 +259,14 @@ def image_folders(data: ImageDataConfig) -> tuple[Dataset, Dataset]:
         if not (root / split).is_dir():
             raise UserError(f"data.root {str(root)!r} has no {split}/ folder: expected "
                             f"{root}/train/<class>/*.png and {root}/val/<class>/*.png (make data for the demo)")
-    loader = read_rgb_tensor if data.decode == "tensor" else default_loader
-    train_set = _folder(root / "train", train_transform(data), loader)
-    val_set = _folder(root / "val", val_transform(data), loader)
+    loader = {"tensor": read_rgb_tensor, "pil": default_loader, "gpu": read_encoded}[data.decode]
+    if data.decode == "gpu":  # the workers draw each sample's parameters; the device applies them
+        train, val = (PlanDrawer(data, train_crop_size(data), ErasedLater(data.random_erase).draw_erasing)
+                      if data.augment else keep_for_validation), keep_for_validation
+    else:
+        train, val = train_transform(data), val_transform(data)
+    train_set = _folder(root / "train", train, loader)
+    val_set = _folder(root / "val", val, loader)
     if val_set.classes != train_set.classes:
         raise UserError(f"class folders differ between {root}/train ({len(train_set.classes)}) and {root}/val "
                         f"({len(val_set.classes)}): {sorted(set(train_set.classes) ^ set(val_set.classes))[:5]}")
@@ -268,14 +304,8 @@ def train_transform(data: ImageDataConfig) -> v2.Compose:
         steps.append(as_pil)
     if data.hflip:
         steps.append(v2.RandomHorizontalFlip())
-    policies = {
-        "ta_wide": lambda: v2.TrivialAugmentWide(interpolation=interpolation),
-        "ra": lambda: v2.RandAugment(interpolation=interpolation),
-        "imagenet": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation),
-        "augmix": lambda: v2.AugMix(interpolation=interpolation),
-    }
     if data.auto_augment != "none":
-        steps.append(policies[data.auto_augment]())
+        steps.append(train_policy(data))
     if data.decode == "tensor":
         # uint8 to the batch: collate_skipping_bad converts and normalises the whole batch at once, then erases.
         steps.append(ErasedLater(data.random_erase))
@@ -284,6 +314,16 @@ def train_transform(data: ImageDataConfig) -> v2.Compose:
     if data.random_erase > 0:
         steps.append(v2.RandomErasing(p=data.random_erase))
     return v2.Compose(steps)
+
+
+def train_policy(data: ImageDataConfig):
+    interpolation = InterpolationMode(data.interpolation)
+    return {
+        "ta_wide": lambda: v2.TrivialAugmentWide(interpolation=interpolation),
+        "ra": lambda: v2.RandAugment(interpolation=interpolation),
+        "imagenet": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation),
+        "augmix": lambda: v2.AugMix(interpolation=interpolation),
+    }[data.auto_augment]()
 
 
 def val_transform(data: ImageDataConfig) -> v2.Compose:
@@ -397,6 +437,10 @@ def mixup_cutmix(data: ImageDataConfig, num_classes: int):
 
     def transform(batch):
         images, targets, bad = batch
+        if isinstance(images, EncodedBatch):  # data.decode=gpu: drawn here, applied on the device
+            size = train_crop_size(data)
+            images.mix = draw_mix(choices, placeholder(len(images), 3, size, size))
+            return batch
         if images.numel() == 0:
             return batch  # every image unreadable: good_part reports it
         return *mix_in_place(choices, images, targets, num_classes), bad
@@ -409,17 +453,25 @@ def mix_in_place(choices: list, images: torch.Tensor, targets: torch.Tensor, num
     transform's own make_params), but mixing the collated batch in place: torchvision's MixUp makes two
     batch-sized copies and CutMix a clone of the batch, a tenth of the loader's time at the v2 recipe's
     crop. CutMix gives the same pixels as torchvision's; MixUp the same within float32 rounding."""
+    return apply_mix(images, targets, draw_mix(choices, images), num_classes)
+
+
+def draw_mix(choices: list, images: torch.Tensor) -> Mix:
+    """v2.RandomChoice(choices)'s draws for a batch shaped like `images`: the choice, then its make_params."""
     chosen = choices[int(torch.multinomial(torch.tensor([1 / len(choices)] * len(choices)), 1))]
     params = chosen.make_params([images])
     if isinstance(chosen, v2.CutMix):
-        lam = params["lam_adjusted"]
-        x1, y1, x2, y2 = params["box"]
+        return Mix(params["lam_adjusted"], tuple(int(v) for v in params["box"]))
+    return Mix(float(params["lam"]))
+
+
+def apply_mix(images: torch.Tensor, targets: torch.Tensor, mix: Mix, num_classes: int):
+    if mix.box is not None:
+        x1, y1, x2, y2 = mix.box
         images[..., y1:y2, x1:x2] = images[..., y1:y2, x1:x2].roll(1, 0)
     else:
-        lam = params["lam"]
-        mix_with_previous(images, 1.0 - lam)
-    labels = F.one_hot(targets, num_classes).float()
-    return images, labels.roll(1, 0).mul_(1.0 - lam).add_(labels.mul(lam))
+        mix_with_previous(images, 1.0 - mix.lam)
+    return images, mix_labels(targets, num_classes, mix.lam)
 
 
 def mix_with_previous(images: torch.Tensor, weight: float) -> None:
@@ -454,6 +506,8 @@ def collate_skipping_bad(items: list) -> tuple[torch.Tensor, torch.Tensor, list[
     bad = [y for x, y in items if x is None]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    if isinstance(good[0][0], Planned):
+        return EncodedBatch.of([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
     if isinstance(good[0][0], Uint8Crop):
         return normalized_batch([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
     images, targets = default_collate(good)

@@ -50,9 +50,10 @@ class ImageDataConfig(DataSection):
                           "unchanged (1 = off); torchvision --ra-sampler --ra-reps")
     val_crop_ratio: float = opt(0.875, "validation: resize to image_size / ratio, then center crop")
     on_bad_image: Literal["stop", "skip"] = opt("stop", "an unreadable image: stop with its path, or skip it (one warning line per file)")
-    decode: Literal["tensor", "pil"] = opt("tensor", "image files decoded to uint8 tensors (JPEG by torchvision.io) "
-                                                     "and transformed as tensors, or as PIL images (torchvision's "
-                                                     "reference)")
+    decode: Literal["tensor", "pil", "gpu"] = opt(
+        "tensor", "image files decoded to uint8 tensors (JPEG by torchvision.io) and transformed as tensors; as PIL "
+                  "images (torchvision's reference); or gpu: workers read bytes and draw each sample's parameters, "
+                  "the training process decodes (nvJPEG) and augments each batch on its device")
 
     def check(self) -> None:
         self.at_least(1, "image_size", "ra_reps")
@@ -60,6 +61,9 @@ class ImageDataConfig(DataSection):
         if 0 < self.val_resize_size < self.image_size:
             raise ConfigError(f"config key 'data.val_resize_size' ({self.val_resize_size}) must be >= "
                               f"data.image_size ({self.image_size}), the center crop taken from it")
+        if self.auto_augment == "augmix" and self.decode == "gpu":
+            raise ConfigError("data.decode=gpu applies ta_wide, ra and imagenet policies on the device, not augmix; "
+                              "use data.decode=tensor for augmix")
         if self.auto_augment == "augmix" and self.interpolation == "bicubic":  # torchvision's AugMix works on tensors
             raise ConfigError("data.auto_augment=augmix takes data.interpolation=bilinear or nearest (AugMix "
                               "resamples tensors, which have no bicubic affine transform)")

@@ -30,6 +30,9 @@ def read_rgb_tensor(path: str) -> torch.Tensor:
     return read_with_pil(path)
 
 
-def read_with_pil(path: str) -> torch.Tensor:
-    with open(path, "rb") as f:
-        return F.pil_to_tensor(Image.open(f).convert("RGB"))
+def read_with_pil(file) -> torch.Tensor:
+    """A path or an open binary file, read as the PIL path reads it."""
+    if isinstance(file, str):
+        with open(file, "rb") as f:
+            return read_with_pil(f)
+    return F.pil_to_tensor(Image.open(file).convert("RGB"))
