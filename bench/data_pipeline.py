@@ -11,7 +11,12 @@ recipe's per-sample transforms, collation and, for v2, MixUp/CutMix per batch):
 - `pil`: data.decode=pil (PIL decode and PIL transforms, as before this path existed);
 - `tensor`: data.decode=tensor (torchvision.io decode, the default);
 - `tensor, prepared copy`: data.decode=tensor on a copy written by `python -m dtrain.prepare_images
-  --short-side S` (S = --short-side, default 192).
+  --short-side S` (S = --short-side, default 192);
+- `gpu, workers`: data.decode=gpu's loader work (read the bytes, draw each sample's parameters, collate);
+- `gpu, device step`: the training process's part of data.decode=gpu on --device (decode, crop, flip, policy,
+  normalise, erase, MixUp/CutMix) over the batches of that loader's timed pass: images per second of the GPU
+  (synchronised) with --device cuda, images per CPU second at 1 thread on the CPU. On a GPU this work shares
+  the device with the model: the model's img/s with it is about 1 / (1/model + 1/device step).
 REFERENCE: torchvision's reference-script style loader in the same run: torchvision.datasets.ImageFolder (PIL
 decode), the same per-sample transforms.v2 (the recipe's, on PIL images), default_collate; no MixUp/CutMix
 (the project's side includes them). Each measurement is a fresh process: one loader in the main process
@@ -54,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-model", action="store_true", help="skip the model's img/s (loader paths only)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--child-loader", nargs=4, metavar=("PRESET", "ROOT", "DECODE", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--child-device", default="cpu", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -94,8 +100,9 @@ def write_jpegs(root: Path, count: int, classes: int = 10) -> Path:
 # Measurements (each in a fresh process)
 
 
-def child_loader(preset: str, root: str, decode: str, batch: int) -> None:
-    """Two passes of a training loader in this process; prints {"rate": images per CPU second} of the second."""
+def child_loader(preset: str, root: str, decode: str, batch: int, device: str) -> None:
+    """Two passes of a training loader in this process; prints {"rate": images per CPU second} of the second
+    (and for data.decode=gpu "device_rate", the device step's images/s over that pass's batches)."""
     import torch
 
     torch.set_num_threads(1)
@@ -103,10 +110,40 @@ def child_loader(preset: str, root: str, decode: str, batch: int) -> None:
         project_loader(preset, root, decode, batch)
     for epoch in range(2):
         start_epoch(epoch)
-        began, images = time.process_time(), 0
-        for batch_images, *_ in loader:
-            images += batch_images.shape[0]
-    print(json.dumps({"rate": images / (time.process_time() - began), "images": images}))
+        began, images, batches = time.process_time(), 0, []
+        for batch_images, *rest in loader:
+            images += len(batch_images)
+            if decode == "gpu":
+                batches.append((batch_images, *rest))
+    result = {"rate": images / (time.process_time() - began), "images": images}
+    if decode == "gpu":
+        result["device_rate"] = device_step_rate(preset, root, batches, torch.device(device))
+    print(json.dumps(result))
+
+
+def device_step_rate(preset: str, root: str, batches: list, device) -> float:
+    """Images/s of data.decode=gpu's training-process step (image.device_images, as train_loss runs it): GPU
+    seconds, synchronised, on CUDA; CPU seconds of this process on the CPU. The first batch warms up."""
+    import torch
+
+    from dtrain.config import load_config
+    from dtrain.dist import DistEnv
+    from dtrain.workloads import image
+
+    cfg = load_config(preset, [f"data.root={root}", "data.decode=gpu"])
+    step = image.device_images(cfg.data, DistEnv(mode="single", device=device), num_classes=1000)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    images = 0
+    for k, (encoded, targets, bad) in enumerate(batches):
+        if k == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            began, images = clock(), 0
+        out, _, _ = step(encoded, targets.to(device), bad)
+        images += out.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images / (clock() - began)
 
 
 def project_loader(preset: str, root: str, decode: str, batch: int):
@@ -142,11 +179,16 @@ def reference_loader(preset: str, root: str, batch: int):
     return loader, lambda epoch: None
 
 
-def loader_rate(args, preset: Path, root: Path, decode: str, work: Path) -> float:
+def loader_rates(args, preset: Path, root: Path, decode: str, work: Path) -> dict[str, float]:
     log = work / "loader.log"
-    cmd = python_cmd(Path(__file__), ["--child-loader", str(preset), str(root), decode, str(args.batch)])
+    cmd = python_cmd(Path(__file__), ["--child-loader", str(preset), str(root), decode, str(args.batch),
+                                      "--child-device", args.device])
     run_job(cmd, child_env(1), log, timeout=1800)
-    return json.loads(log.read_text().strip().splitlines()[-1])["rate"]
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def loader_rate(args, preset: Path, root: Path, decode: str, work: Path) -> float:
+    return loader_rates(args, preset, root, decode, work)["rate"]
 
 
 def prepared_copy(root: Path, short_side: int, work: Path) -> Path:
@@ -184,7 +226,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_loader:
         preset, root, decode, batch = args.child_loader
-        child_loader(preset, root, decode, int(batch))
+        child_loader(preset, root, decode, int(batch), args.child_device)
         return 0
     args.batch = args.batch or (16 if args.device == "cpu" else 128)
     args.model_steps, args.log_every = (6, 2) if args.device == "cpu" else (40, 10)
@@ -194,7 +236,9 @@ def main(argv=None) -> int:
     root = args.root or write_jpegs(work / "images", args.images or (64 if args.quick else 512))
     prepared = prepared_copy(root, args.short_side, work)
     paths = {"reference (torchvision, PIL)": ("reference", root), "pil": ("pil", root), "tensor": ("tensor", root),
-             f"tensor, prepared copy (short side {args.short_side})": ("tensor", prepared)}
+             f"tensor, prepared copy (short side {args.short_side})": ("tensor", prepared),
+             "gpu, workers (read + draw, no decode)": ("gpu", root)}
+    device_row = f"gpu, device step ({args.device})"
     print(f"image input paths vs model: recipes {recipes}, batch {args.batch}, {reps} repetition(s), images from "
           f"{root}, prepared copy {prepared}", flush=True)
 
@@ -203,9 +247,15 @@ def main(argv=None) -> int:
         for name, (decode, folder) in paths.items():
             cases[f"{recipe} {name}"] = lambda d, r=recipe, dec=decode, f=folder: loader_rate(args, PRESETS[r], f,
                                                                                                 dec, d)
+        # data.decode=gpu: one child measures both its workers' rate and its device step's
+        cases[f"{recipe} gpu"] = lambda d, r=recipe: loader_rates(args, PRESETS[r], root, "gpu", d)
         if not args.no_model:
             cases[f"{recipe} model"] = lambda d, r=recipe: model_rate(args, PRESETS[r], d)
     runs = interleaved(cases, reps, work / "runs", "img/s")
+    for recipe in recipes:
+        both = runs.pop(f"{recipe} gpu")
+        runs[f"{recipe} gpu, workers (read + draw, no decode)"] = [r["rate"] for r in both]
+        runs[f"{recipe} {device_row}"] = [r["device_rate"] for r in both]
     results = {name: summary(values) for name, values in runs.items()}
 
     rows = []
@@ -219,6 +269,10 @@ def main(argv=None) -> int:
             needed = math.ceil(model["median"] / results[f"{recipe} {name}"]["median"]) if model else "-"
             rows.append([recipe, name, fmt_summary(results[f"{recipe} {name}"]), fmt_summary(ratio, 3),
                          fmt_summary(model) if model else "-", needed])
+        device = results[f"{recipe} {device_row}"] = summary(runs[f"{recipe} {device_row}"])
+        rows.append([recipe, device_row, fmt_summary(device), "-", fmt_summary(model) if model else "-",
+                     "-" if args.device == "cuda" else (math.ceil(model["median"] / device["median"]) if model
+                                                         else "-")])
     headers = ["recipe", "input path", "img/s per core", "x reference (same rep)",
                f"model {args.device}, batch {args.batch} (img/s)", "cores (workers) to feed the model"]
     source = f"{root} (--root)" if args.root else "generated 500x375 JPEGs, quality 90"
