@@ -406,6 +406,21 @@ def test_gpu_code_path_batches_equal_the_tensor_paths_with_mixup_cutmix_and_work
     assert "no GPU in this run" in capsys.readouterr().out
 
 
+def test_gpu_decode_names_the_first_file_its_workers_decode_once(tmp_path, capsys):
+    from dtrain.dist import DistEnv
+
+    files = [write(tmp_path / name, photo(), fmt) for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"))]
+    step = image.device_images(v2_recipe("gpu"), DistEnv(mode="single", device=torch.device("cpu")), num_classes=3)
+    batch = image_device.EncodedBatch.of([image_device.keep_for_validation(image_device.read_encoded(str(f)))
+                                          for f in files])
+    for _ in range(2):
+        images, targets, bad = step(batch, torch.tensor([0, 1]), [])
+        assert images.shape == (2, 3, 56, 56) and targets.tolist() == [0, 1] and bad == []
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "no GPU in this run" in lines[0]
+    assert lines[1].startswith(f"data.decode=gpu: {files[0]} is not a JPEG")
+
+
 def test_gpu_decode_takes_no_augmix(tmp_path):
     from dtrain.errors import ConfigError
 

@@ -129,8 +129,8 @@ def device_images(data: ImageDataConfig, env, num_classes: int):
         if not told and any(shape is not None for _, _, shape in batch.spans) and env.is_main:
             told.append(True)
             first = next(path for path, (_, _, shape) in zip(batch.paths, batch.spans) if shape is not None)
-            print(f"data.decode=gpu: {first} is not a JPEG nvJPEG decodes (or is CMYK); files like it are decoded "
-                  "by the loader workers, the rest of their steps run on the device", flush=True)
+            print(f"data.decode=gpu: {first} is not a JPEG (or is a CMYK one); files like it are decoded by the "
+                  "loader workers on the CPU, their other steps run on the device", flush=True)
         images, kept, unreadable = transform(batch)
         if len(kept) < len(batch):
             targets = targets[torch.tensor(kept, device=targets.device, dtype=torch.long)]
