@@ -1,13 +1,16 @@
-"""The GPU acceptance checks in one run of about 7 minutes on one GPU (a lent machine's 15 minutes fit a rerun).
+"""The GPU acceptance checks in runs of at most about 8 minutes on one GPU (a lent machine's 15 minutes fit them).
 
-    python bench/gpu_checks.py                  # one GPU: the loader check + the profiles (~7 min)
-    python bench/gpu_checks.py --only overhead  # one GPU: the bert-base overhead ratio alone (~4 min)
-    python bench/gpu_checks.py --only loader    # one GPU: the loader check alone (~2.5 min)
-    python bench/gpu_checks.py --smoke --only loader   # the same code paths on the CPU, tiny sizes (~2 min)
-    python bench/gpu_checks.py --smoke          # loader + profiles on the CPU (~8 min on 2 cores), no GPU needed
+    python bench/gpu_checks.py                  # one GPU: the loader check + the profiles (~5-8 min)
+    python bench/gpu_checks.py --only overhead  # one GPU: the bert-base overhead ratio alone (~2.5-4.5 min)
+    python bench/gpu_checks.py --only loader    # one GPU: the loader check alone (~2-3 min)
+    python bench/gpu_checks.py --smoke --only loader   # the same code paths on the CPU, tiny sizes (~30 s)
+    python bench/gpu_checks.py --smoke --only loader,profiles,overhead   # all of it on the CPU (~2 min)
 
-Parts (--only takes a comma-separated list; the default is loader,profiles: all three take about 10 minutes,
-more than one 10-minute command on a lent machine, so the overhead part runs on its own):
+Parts (--only takes a comma-separated list; the default is loader,profiles). The overhead part runs only when
+named: all three take 7-13 minutes, more than fits one 10-minute command on a lent machine with room to spare.
+The times are estimates: each part is mostly train.py start-ups (20-40 s each on a GPU machine: torch, CUDA,
+cuDNN's tuning of the first step, the profiler's trace), 3 for the loader, 7 for the profiles, 6 for the
+overhead part; the steps themselves take seconds. Each run's wall time and each part's are in the result.
 1. loader: can the ResNet-50 v2 recipe's loader keep one GPU busy with 8 workers? train.py with
    configs/image/resnet50_v2.yaml (bf16, channels_last, batch 128, num_workers=8, ra_reps 4 as in the preset,
    160 steps), three ways: data.synthetic=true (the model alone: random images of the training crop, no
@@ -28,9 +31,9 @@ more than one 10-minute command on a lent machine, so the overhead part runs on 
 3. overhead: bert-base (random init, bf16, seq 128, batch 32): bench/overhead.py --device cuda, project
    against the hand-written loop, 3 interleaved repetitions (target >= 0.97).
 
-Writes bench/results/<date>-gpu_checks-<device>.json (+ .md) after each part, so a run cut short keeps the
-parts it finished (a second run on the same day overwrites the file: give it --results DIR); the traces and
-logs stay in bench/results/work/gpu_checks/, the generated JPEGs in bench/results/work/gpu_checks-images/.
+Writes bench/results/<date>-gpu_checks-<device>.json (+ .md; -gpu_checks-<parts>-<device> for other parts than
+the default, e.g. gpu_checks-overhead-cuda) after each part, so a run cut short keeps the parts it finished; the
+traces and logs stay in bench/results/work/gpu_checks/, the generated JPEGs in bench/results/work/gpu_checks-images/.
 The result names the card (machine.gpu and loader.card: torch.cuda.get_device_name).
 """
 
@@ -112,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--only takes parts of {', '.join(PARTS)}; got {args.only!r}")
     skipped = {"overhead": args.skip_overhead, "loader": args.skip_loader}
     args.parts = [part for part in PARTS if part in args.parts and not skipped.get(part)]
+    if not args.parts:
+        p.error(f"nothing left to run: --only {args.only} less the skipped parts")
     return args
 
 
@@ -196,7 +201,7 @@ def loader_part(args, work: Path, log) -> tuple[dict, str]:
           f"{r['x_model']['median']:.3f} ({r['x_model']['min']:.3f}-{r['x_model']['max']:.3f})"] for r in runs],
         note=f"(img/s: median of the {sizes.log_every}-step windows after {sizes.warmup_windows} warm-up windows; "
              f"images: {sizes.distinct} generated 500x375 JPEGs, quality 90, linked to {sizes.batch * sizes.steps} "
-             f"files; data.ra_reps=4 as in the preset; x model alone: each window over the model's median)")
+             f"files; ra_reps and the rest of the recipe as in the preset; x model alone: each window over the model's median)")
     return {"card": card, "sizes": sizes._asdict(), "images": str(root), "runs": runs}, table
 
 
@@ -299,6 +304,13 @@ def overhead_part(args, work: Path, log) -> tuple[dict | None, str]:
                   f"(per repetition {bert['rate']['paired_ratio']['median']:.3f}), settings {bert['settings']}\n")
 
 
+def result_name(parts: list[str], device: str, smoke: bool) -> str:
+    """gpu_checks-cuda for the default parts; other parts in the name, so that --only overhead after a default
+    run on the same day does not overwrite its file."""
+    named = "" if parts == DEFAULT_PARTS.split(",") else "-" + "-".join(parts)
+    return f"gpu_checks{named}-{device}{'-quick' if smoke else ''}"
+
+
 RUNS = {"loader": loader_part, "profiles": profiles_part, "overhead": overhead_part}
 PAYLOAD_KEYS = {"loader": "loader", "profiles": "profiles", "overhead": "bert_overhead"}
 
@@ -326,7 +338,7 @@ def main(argv=None) -> int:
         payload["seconds_by_part"][part] = round(time.perf_counter() - part_began, 1)
         payload["table"] += table + "\n"
         payload["seconds"] = time.perf_counter() - began
-        write_json(args.results, f"gpu_checks-{device}{'-quick' if args.smoke else ''}", payload)
+        write_json(args.results, result_name(args.parts, device, args.smoke), payload)
     print(payload["table"], flush=True)
     print(f"gpu checks took {time.perf_counter() - began:.0f} s ({payload['seconds_by_part']})", flush=True)
     return 0
