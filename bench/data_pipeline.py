@@ -15,8 +15,9 @@ recipe's per-sample transforms, collation and, for v2, MixUp/CutMix per batch):
 - `gpu, workers`: data.decode=gpu's loader work (read the bytes, draw each sample's parameters, collate);
 - `gpu, device step`: the training process's part of data.decode=gpu on --device (decode, crop, flip, policy,
   normalise, erase, MixUp/CutMix) over the batches of that loader's timed pass: images per second of the GPU
-  (synchronised) with --device cuda, images per CPU second at 1 thread on the CPU. On a GPU this work shares
-  the device with the model: the model's img/s with it is about 1 / (1/model + 1/device step).
+  (synchronised) with --device cuda, images per CPU second at 1 thread on the CPU, and the ops it calls from
+  Python per image (each a dispatch on the training thread; on a GPU most are a kernel launch). On a GPU this
+  work shares the device with the model: the model's img/s with it is about 1 / (1/model + 1/device step).
 REFERENCE: torchvision's reference-script style loader in the same run: torchvision.datasets.ImageFolder (PIL
 decode), the same per-sample transforms.v2 (the recipe's, on PIL images), default_collate; no MixUp/CutMix
 (the project's side includes them). Each measurement is a fresh process: one loader in the main process
@@ -117,14 +118,17 @@ def child_loader(preset: str, root: str, decode: str, batch: int, device: str) -
                 batches.append((batch_images, *rest))
     result = {"rate": images / (time.process_time() - began), "images": images}
     if decode == "gpu":
-        result["device_rate"] = device_step_rate(preset, root, batches, torch.device(device))
+        result["device_rate"], result["device_ops"] = device_step_rate(preset, root, batches, torch.device(device))
     print(json.dumps(result))
 
 
-def device_step_rate(preset: str, root: str, batches: list, device) -> float:
+def device_step_rate(preset: str, root: str, batches: list, device) -> tuple[float, float]:
     """Images/s of data.decode=gpu's training-process step (image.device_images, as train_loss runs it): GPU
-    seconds, synchronised, on CUDA; CPU seconds of this process on the CPU. The first batch warms up."""
+    seconds, synchronised, on CUDA; CPU seconds of this process on the CPU. The first batch warms up. Also the
+    step's ops called from Python per image (torch.profiler, one batch): on a GPU each is a dispatch on the
+    training process's thread, most of them a kernel launch, so they say what the step costs the host."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from dtrain.config import load_config
     from dtrain.dist import DistEnv
@@ -143,7 +147,12 @@ def device_step_rate(preset: str, root: str, batches: list, device) -> float:
         images += out.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return images / (clock() - began)
+    rate = images / (clock() - began)
+    encoded, targets, bad = batches[-1]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, _, _ = step(encoded, targets.to(device), bad)
+    top_level = sum(1 for event in prof.events() if event.cpu_parent is None)
+    return rate, top_level / out.shape[0]
 
 
 def project_loader(preset: str, root: str, decode: str, batch: int):
@@ -236,9 +245,8 @@ def main(argv=None) -> int:
     root = args.root or write_jpegs(work / "images", args.images or (64 if args.quick else 512))
     prepared = prepared_copy(root, args.short_side, work)
     paths = {"reference (torchvision, PIL)": ("reference", root), "pil": ("pil", root), "tensor": ("tensor", root),
-             f"tensor, prepared copy (short side {args.short_side})": ("tensor", prepared),
-             "gpu, workers (read + draw, no decode)": ("gpu", root)}
-    device_row = f"gpu, device step ({args.device})"
+             f"tensor, prepared copy (short side {args.short_side})": ("tensor", prepared)}
+    gpu_row, device_row = "gpu, workers (read + draw, no decode)", f"gpu, device step ({args.device})"
     print(f"image input paths vs model: recipes {recipes}, batch {args.batch}, {reps} repetition(s), images from "
           f"{root}, prepared copy {prepared}", flush=True)
 
@@ -254,8 +262,10 @@ def main(argv=None) -> int:
     runs = interleaved(cases, reps, work / "runs", "img/s")
     for recipe in recipes:
         both = runs.pop(f"{recipe} gpu")
-        runs[f"{recipe} gpu, workers (read + draw, no decode)"] = [r["rate"] for r in both]
+        runs[f"{recipe} {gpu_row}"] = [r["rate"] for r in both]
         runs[f"{recipe} {device_row}"] = [r["device_rate"] for r in both]
+        runs[f"{recipe} {device_row} ops per image"] = [r["device_ops"] for r in both]
+    paths[gpu_row] = ("gpu", root)
     results = {name: summary(values) for name, values in runs.items()}
 
     rows = []
@@ -270,7 +280,9 @@ def main(argv=None) -> int:
             rows.append([recipe, name, fmt_summary(results[f"{recipe} {name}"]), fmt_summary(ratio, 3),
                          fmt_summary(model) if model else "-", needed])
         device = results[f"{recipe} {device_row}"] = summary(runs[f"{recipe} {device_row}"])
-        rows.append([recipe, device_row, fmt_summary(device), "-", fmt_summary(model) if model else "-",
+        ops = results[f"{recipe} {device_row} ops per image"]["median"]
+        rows.append([recipe, f"{device_row}, {ops:.1f} ops/image", fmt_summary(device), "-",
+                     fmt_summary(model) if model else "-",
                      "-" if args.device == "cuda" else (math.ceil(model["median"] / device["median"]) if model
                                                          else "-")])
     headers = ["recipe", "input path", "img/s per core", "x reference (same rep)",
