@@ -13,7 +13,7 @@ other overrides), and the peer computes top-1/top-5 accuracy and reads the loss 
 
 Repetitions are interleaved; reports steady-state img/s of each side, project / peer per repetition and per
 CPU-second, and the processes' threads and context switches per step. Writes
-bench/results/<date>-examples_imagenet-cpu.json (+ .md).
+bench/results/<date>-examples_imagenet[-LABEL]-cpu.json (+ .md).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--variant", action="append", default=[],
                    help="another project side, 'label:key=value key=value' (train.py overrides)")
+    p.add_argument("--label", default="", help="names the result file <date>-examples_imagenet-LABEL-cpu (a second run "
+                                               "of the day beside the first)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     return p.parse_args(argv)
 
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "examples_imagenet", "device": "cpu", "reps": args.reps, "case": case.__dict__,
                "examples_main": str(args.examples_main), "variants": args.variant, "machine": machine_info(),
                "runs": runs, "results": results, "table": table, "seconds": time.perf_counter() - began}
-    write_json(args.results, "examples_imagenet-cpu", payload)
+    write_json(args.results, f"examples_imagenet{'-' + args.label if args.label else ''}-cpu", payload)
     print(f"examples_imagenet benchmark took {time.perf_counter() - began:.0f} s", flush=True)
     return 0
 
