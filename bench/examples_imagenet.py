@@ -1,15 +1,17 @@
-"""The project's train.py against pytorch/examples' imagenet/main.py: same model, data, batch, optimizer, threads.
+"""The project's train.py against pytorch/examples' imagenet/main.py: same model, data, batch, SGD settings, threads.
 
-    python bench/examples_imagenet.py --examples-main /tmp/examples/imagenet/main.py     # ~6 min on 2 cores
+    python bench/examples_imagenet.py --examples-main /tmp/examples/imagenet/main.py     # ~3.5 min on 2 cores
     python bench/examples_imagenet.py --examples-main PATH --variant "unfused:optim.fused=false"
 
 pytorch/examples is not part of this repository: fetch it yourself and pass the path of its imagenet/main.py.
 It runs unchanged through bench/run_examples_imagenet.py (ResNet-18 by default, `--dummy` data replaced by
-dtrain's SyntheticImages at --image-size, `-j 0` as the project's run, on the CPU), beside train.py
-with the same settings: 1000 classes, batch 32, SGD with lr 0.1, momentum 0.9, weight decay 1e-4, fp32, the same
-thread count, no DataLoader workers. What differs is each side's own loop: the peer's optimizer step is torch's
-default (foreach) where the project's is fused (optim.fused=true, its default; `--variant` adds project sides with
-other overrides), and the peer computes top-1/top-5 accuracy and reads the loss every step.
+dtrain's SyntheticImages at --image-size, `-j 0` as the project's run, on the CPU), beside train.py with the same
+settings: 1000 classes, batch 32, SGD with lr 0.1, momentum 0.9, weight decay 1e-4, fp32, the same thread count,
+no DataLoader workers. What differs is each side's own loop: the peer's optimizer step is torch's default (on the
+CPU a loop over the parameters) where the project's is fused (optim.fused=true, its default; `--variant` adds
+project sides with other overrides); the project's learning rate follows its schedule (the peer's StepLR keeps
+0.1 in these steps); the project computes the gradient norm (its non-finite check) and the peer top-1/top-5
+accuracy and the loss's value every step.
 
 Repetitions are interleaved; reports steady-state img/s of each side, project / peer per repetition and per
 CPU-second, and the processes' threads and context switches per step. Writes
