@@ -336,6 +336,40 @@ def test_gpu_code_path_draws_as_the_cpu_paths_and_gives_their_pixels(tmp_path, p
     assert (operations > 0) == (policy != "none")  # AutoAugment's operations apply with a probability each
 
 
+@pytest.mark.parametrize("policy", ["ta_wide", "ra"])
+def test_batched_policy_operations_equal_torchvisions_kernel_per_sample(policy):
+    """DeviceImages applies each turn of operations to a batch at once: per (operation, magnitude) group with
+    torchvision's kernel, the geometric ones in one grid_sample with a matrix per sample. Every operation of the
+    policy's space at several magnitudes, two turns (RandAugment's two operations), against torchvision's kernel
+    applied to each sample alone."""
+    data = v2_recipe("gpu", auto_augment=policy)
+    kernels = image.train_policy(data)
+    device_images = image_device.DeviceImages(data, 48, torch.device("cpu"), kernels, image.IMAGENET_MEAN,
+                                              image.IMAGENET_STD)
+    space = kernels._AUGMENTATION_SPACE
+    names = list(space)
+
+    def operation(name: str, bin_: int, sign: int) -> tuple[str, float]:
+        magnitudes, signed = space[name]
+        values = magnitudes(31, 48, 48)
+        return name, (0.0 if values is None or values.ndim == 0 else float(values[bin_]) * (sign if signed else 1))
+
+    ops = []
+    for k, name in enumerate(names):
+        for bin_, sign in ((3, 1), (17, -1), (30, 1), (17, -1)):  # (17, -1) twice: a group of two samples
+            ops.append([operation(name, bin_, sign), operation(names[(k + bin_) % len(names)], 30 - bin_, -sign)])
+    ops[1] = ops[1][:1]  # a sample with one operation only: the second turn leaves it alone
+    crops = torch.stack([torch.from_numpy(np.array(photo(48, 48, seed=s))).permute(2, 0, 1) for s in range(len(ops))])
+    batched = device_images.apply_operations(crops.clone(), ops)
+    for row, sample_ops in enumerate(ops):
+        alone = crops[row]
+        for name, magnitude in sample_ops:
+            alone = kernels._apply_image_or_video_transform(alone, name, magnitude, interpolation=kernels.interpolation,
+                                                            fill=kernels._fill)
+        assert torch.equal(batched[row], alone), (row, sample_ops)
+    assert not torch.equal(batched, crops)
+
+
 def test_gpu_code_path_validation_equals_the_tensor_paths(tmp_path):
     path = write(tmp_path / "a.jpg", photo(150, 200), quality=90)
     data = v2_recipe("gpu")

@@ -18,6 +18,7 @@ unreadable file when PIL cannot read it either.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.functional import _get_inverse_affine_matrix  # the matrix F.affine and F.rotate use
 from torchvision.transforms.v2 import functional as TF
 
 from dtrain.workloads.image_config import ImageDataConfig
@@ -221,8 +223,14 @@ class DeviceImages:
             kept = [k for k in range(len(batch)) if k in decoded]
             if not kept:
                 return torch.empty(0, device=self.device), kept, bad
-            crops = [self.geometry(decoded[k], batch.plans[k]) for k in kept]
-            images = torch.stack(crops).float().sub_(self.shift).mul_(self.scale)
+            plans = [batch.plans[k] for k in kept]
+            crops = torch.stack([self.crop(decoded[k], plan) for k, plan in zip(kept, plans)])
+            flipped = [row for row, plan in enumerate(plans) if plan.flip]
+            if flipped:
+                crops[flipped] = crops[flipped].flip(-1)
+            if self.policy is not None:
+                crops = self.apply_operations(crops, [plan.ops for plan in plans])
+            images = crops.float().sub_(self.shift).mul_(self.scale)
             for row, k in enumerate(kept):
                 if batch.plans[k].erase is not None:
                     top, left, height, width = batch.plans[k].erase
@@ -259,20 +267,72 @@ class DeviceImages:
         """What the tensor path does with a JPEG decode_jpeg refuses: PIL reads it, or says why it cannot."""
         return read_with_pil(io.BytesIO(data.numpy().tobytes()))
 
-    def geometry(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """The sample's crop (training: resized crop, flip, policy operations; validation: resize, center crop)."""
+    def crop(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The sample's crop (training: its random resized crop; validation: resize, center crop)."""
         if plan.crop is None:
             size = self.data.image_size
             resized = TF.resize(image, [self.val_resize], interpolation=self.interpolation, antialias=True)
             return TF.center_crop(resized, [size, size])
-        image = TF.resized_crop(image, *plan.crop, size=[self.train_crop, self.train_crop],
-                                interpolation=self.interpolation, antialias=True)
-        if plan.flip:
-            image = TF.horizontal_flip(image)
-        for op, magnitude in plan.ops:
-            image = self.policy._apply_image_or_video_transform(
-                image, op, magnitude, interpolation=self.policy.interpolation, fill=self.policy._fill)
-        return image
+        return TF.resized_crop(image, *plan.crop, size=[self.train_crop, self.train_crop],
+                               interpolation=self.interpolation, antialias=True)
+
+    def apply_operations(self, crops: torch.Tensor, ops: list[list[tuple[str, float]]]) -> torch.Tensor:
+        """Each sample's policy operations, in its order, batched: a call per (operation, magnitude) for the
+        samples that drew it (torchvision's kernels treat each image of a batch on its own), and one
+        grid_sample for all the geometric ones (each with its own matrix; per sample they were 30 ops each).
+        Every dispatch here is a kernel launch on a GPU, paid by the training thread."""
+        for turn in range(max(map(len, ops), default=0)):
+            groups: dict[tuple[str, float], list[int]] = {}
+            for row, sample_ops in enumerate(ops):
+                if turn < len(sample_ops) and sample_ops[turn][0] != "Identity":
+                    groups.setdefault(sample_ops[turn], []).append(row)
+            geometric = [(row, op, magnitude) for (op, magnitude), rows in groups.items() if op in GEOMETRIC
+                         for row in rows]
+            if geometric:
+                rows = [row for row, _, _ in geometric]
+                matrices = [inverse_affine_matrix(op, magnitude, crops.shape[-1]) for _, op, magnitude in geometric]
+                crops[rows] = warped(crops[rows], matrices, self.policy.interpolation)
+            for (op, magnitude), rows in groups.items():
+                if op not in GEOMETRIC:
+                    crops[rows] = self.policy._apply_image_or_video_transform(
+                        crops[rows], op, magnitude, interpolation=self.policy.interpolation, fill=self.policy._fill)
+        return crops
+
+
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def inverse_affine_matrix(op: str, magnitude: float, size: int) -> list[float]:
+    """The inverse 2 x 3 matrix (output pixel -> input pixel, origin at the image centre) of a geometric
+    auto-augment operation on a size x size image, with the arguments torchvision's auto-augment passes to
+    F.affine / F.rotate: shears about the top-left corner, translations by whole pixels, rotation about the
+    centre."""
+    corner = [-0.5 * size, -0.5 * size]
+    if op == "Rotate":
+        return _get_inverse_affine_matrix([0.0, 0.0], -magnitude, [0.0, 0.0], 1.0, [0.0, 0.0])
+    if op in ("ShearX", "ShearY"):
+        degrees = math.degrees(math.atan(magnitude))
+        shear = [degrees, 0.0] if op == "ShearX" else [0.0, degrees]
+        return _get_inverse_affine_matrix(corner, 0.0, [0.0, 0.0], 1.0, shear)
+    shift = [float(int(magnitude)), 0.0] if op == "TranslateX" else [0.0, float(int(magnitude))]
+    return _get_inverse_affine_matrix([0.0, 0.0], 0.0, shift, 1.0, [0.0, 0.0])
+
+
+def warped(images: torch.Tensor, matrices: list[list[float]], interpolation) -> torch.Tensor:
+    """uint8 images (N x C x S x S) each resampled through its own inverse affine matrix, outside filled with 0:
+    torchvision's tensor affine (its grid of pixel centres, grid_sample, rounding) with a matrix per image."""
+    count, size = images.shape[0], images.shape[-1]
+    theta = torch.tensor(matrices, dtype=torch.float32, device=images.device).view(count, 2, 3)
+    centres = torch.linspace((1.0 - size) * 0.5, (size - 1.0) * 0.5, steps=size, device=images.device)
+    base = torch.empty(1, size, size, 3, device=images.device)
+    base[..., 0].copy_(centres)
+    base[..., 1].copy_(centres.unsqueeze(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * size, 0.5 * size], device=images.device))
+    grid = base.view(1, size * size, 3).expand(count, -1, -1).bmm(scaled).view(count, size, size, 2)
+    mode = InterpolationMode(interpolation).value
+    resampled = F.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return resampled.round_().to(images.dtype)
 
 
 def mix_labels(targets: torch.Tensor, num_classes: int, lam: float) -> torch.Tensor:
