@@ -125,7 +125,7 @@ def child_loader(preset: str, root: str, decode: str, batch: int, device: str) -
 def device_step_rate(preset: str, root: str, batches: list, device) -> tuple[float, float]:
     """Images/s of data.decode=gpu's training-process step (image.device_images, as train_loss runs it): GPU
     seconds, synchronised, on CUDA; CPU seconds of this process on the CPU. The first batch warms up. Also the
-    step's ops called from Python per image (torch.profiler, one batch): on a GPU each is a dispatch on the
+    step's ops called from Python per image (torch.profiler, a second pass over the same batches): on a GPU each is a dispatch on the
     training process's thread, most of them a kernel launch, so they say what the step costs the host."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -148,11 +148,10 @@ def device_step_rate(preset: str, root: str, batches: list, device) -> tuple[flo
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     rate = images / (clock() - began)
-    encoded, targets, bad = batches[-1]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out, _, _ = step(encoded, targets.to(device), bad)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # a pass of its own: the profiler costs time
+        images = sum(step(encoded, targets.to(device), bad)[0].shape[0] for encoded, targets, bad in batches[1:])
     top_level = sum(1 for event in prof.events() if event.cpu_parent is None)
-    return rate, top_level / out.shape[0]
+    return rate, top_level / images
 
 
 def project_loader(preset: str, root: str, decode: str, batch: int):

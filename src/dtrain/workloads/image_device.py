@@ -294,8 +294,9 @@ class DeviceImages:
                 crops[rows] = warped(crops[rows], matrices, self.policy.interpolation)
             for (op, magnitude), rows in groups.items():
                 if op not in GEOMETRIC:
-                    crops[rows] = self.policy._apply_image_or_video_transform(
-                        crops[rows], op, magnitude, interpolation=self.policy.interpolation, fill=self.policy._fill)
+                    at = rows[0] if len(rows) == 1 else rows  # one sample: a view, no gather and scatter
+                    crops[at] = self.policy._apply_image_or_video_transform(
+                        crops[at], op, magnitude, interpolation=self.policy.interpolation, fill=self.policy._fill)
         return crops
 
 
