@@ -317,32 +317,3 @@ def test_a_stalled_then_killed_mlflow_server_never_stalls_training_and_is_one_wa
     assert failed.startswith("warning: tracker mlflow failed") and "dropped" in failed
     assert "Traceback" not in proc.stdout + proc.stderr
     assert max(r["step"] for r in read_metrics(out) if r["kind"] == "train") == 300
-
-
-class Recording:
-    name = "recording"
-
-    def __init__(self):
-        self.calls = []
-
-    def metrics(self, *args):
-        self.calls.append(("metrics", args))
-
-    def finish(self, status):
-        self.calls.append(("finish", (status,)))
-
-
-def test_a_lost_wake_up_does_not_stop_a_tracker_from_sending_or_finishing():
-    """Ctrl-C can land inside queue.Queue's notify in the main thread and lose the wake-up of the tracker's
-    thread (a CI run waited out the 60 s close on it). Here every wake-up is lost: the thread still sends
-    everything and finishes, within its polling interval."""
-    from dtrain.trackers import POLL_S, Channel
-
-    sink = Recording()
-    channel = Channel(sink, say=print)
-    channel.queue.not_empty.notify = lambda n=1: None  # no wake-up ever reaches the waiting thread
-    channel.send("metrics", "train", {"loss": 1.0}, 1)
-    channel.close("KILLED")
-    channel.thread.join(timeout=10 * POLL_S)
-    assert not channel.thread.is_alive()
-    assert sink.calls == [("metrics", ("train", {"loss": 1.0}, 1)), ("finish", ("KILLED",))]

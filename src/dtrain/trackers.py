@@ -38,10 +38,6 @@ from typing import Any
 KNOWN = ("tensorboard", "mlflow", "wandb", "csv")
 QUEUE_RECORDS = 10_000  # per tracker: hours of records at log_every=1 while a server is slow
 CLOSE_WAIT_S = 60.0  # at exit, how long all trackers together may take to send what they still hold
-# How often a tracker's thread looks at its queue without being woken. Ctrl-C raises KeyboardInterrupt in the main
-# thread at any bytecode, also inside queue.Queue's Condition.notify, where it can take a waiter off the list
-# without waking it: a thread that only waited for the wake-up would sleep through the rest of the run and its end.
-POLL_S = 0.5
 
 
 class TrackerUnavailable(Exception):
@@ -364,10 +360,7 @@ class Channel:
 
     def _drain(self) -> None:
         while True:
-            try:
-                method, args = self.queue.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
+            method, args = self.queue.get()
             if not self.dead:
                 self._call(method, args)
             if method == "finish":
