@@ -317,3 +317,40 @@ def test_a_stalled_then_killed_mlflow_server_never_stalls_training_and_is_one_wa
     assert failed.startswith("warning: tracker mlflow failed") and "dropped" in failed
     assert "Traceback" not in proc.stdout + proc.stderr
     assert max(r["step"] for r in read_metrics(out) if r["kind"] == "train") == 300
+
+
+class NeverFinishes:
+    name = "stuck"
+
+    def __init__(self):
+        self.release = __import__("threading").Event()
+
+    def start(self, run):
+        pass
+
+    def finish(self, status):
+        self.release.wait()  # a tracker whose last delivery never returns
+
+
+@pytest.mark.parametrize("status, waits", [("KILLED", "STOPPED_WAIT_S"), ("FINISHED", "CLOSE_WAIT_S")])
+def test_a_stuck_tracker_delays_the_end_by_its_bounded_wait_and_says_where_it_waits(monkeypatch, status, waits):
+    """After Ctrl-C, a stop signal or an error the wait is the short one (a CI run once saw the Ctrl-C test wait
+    out the 60 s on TensorBoard's thread); the warning names the frame the tracker is stuck in."""
+    import time
+
+    from dtrain import trackers
+
+    monkeypatch.setattr(trackers, "STOPPED_WAIT_S", 0.5)
+    monkeypatch.setattr(trackers, "CLOSE_WAIT_S", 2.0)
+    monkeypatch.setitem(trackers.SINKS, "stuck", NeverFinishes)
+    said = []
+    run = trackers.RunInfo(run_id="r", name="r", output_dir=Path("."), params={}, resumed_step=0, continued=False)
+    group = trackers.Trackers(run, ["stuck"], say=said.append)
+    began = time.monotonic()
+    group.close(status)
+    waited = time.monotonic() - began
+    expected = getattr(trackers, waits)
+    assert expected <= waited < expected + 1.0
+    assert len(said) == 1 and said[0].startswith(f"warning: tracker stuck still sending after {expected:.0f} s")
+    assert "in threading.py" in said[0] and " wait)" in said[0]  # the frame: Event.wait in finish
+    group.channels[0].sink.release.set()

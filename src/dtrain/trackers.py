@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import statistics
+import sys
 import threading
 import time
 import urllib.error
@@ -38,6 +39,7 @@ from typing import Any
 KNOWN = ("tensorboard", "mlflow", "wandb", "csv")
 QUEUE_RECORDS = 10_000  # per tracker: hours of records at log_every=1 while a server is slow
 CLOSE_WAIT_S = 60.0  # at exit, how long all trackers together may take to send what they still hold
+STOPPED_WAIT_S = 10.0  # the same after Ctrl-C, a stop signal or an error: whoever stopped the run is waiting
 
 
 class TrackerUnavailable(Exception):
@@ -423,15 +425,25 @@ class Trackers:
             channel.send("outputs", tags)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Send each tracker its finish, then wait (CLOSE_WAIT_S at most, for all) for them to deliver."""
+        """Send each tracker its finish, then wait for them to deliver: CLOSE_WAIT_S at most for all of them
+        after a finished run, STOPPED_WAIT_S after any other end."""
         for channel in self.channels:
             channel.close(status)
-        deadline = time.monotonic() + CLOSE_WAIT_S
+        wait = CLOSE_WAIT_S if status == "FINISHED" else STOPPED_WAIT_S
+        deadline = time.monotonic() + wait
         for channel in self.channels:
             channel.thread.join(max(deadline - time.monotonic(), 0.0))
             if channel.thread.is_alive():
-                self.say(f"warning: tracker {channel.sink.name} still sending after {CLOSE_WAIT_S:.0f} s at the end: "
-                         "the rest is dropped (metrics.jsonl has every record)")
+                self.say(f"warning: tracker {channel.sink.name} still sending after {wait:.0f} s at the end "
+                         f"(in {where(channel.thread)}): the rest is dropped (metrics.jsonl has every record)")
+
+
+def where(thread: threading.Thread) -> str:
+    """The innermost frame a thread is running (file:line function): what a stuck tracker waits in."""
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return "?"
+    return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
 
 
 # ---------------------------------------------------------------------------------------------
