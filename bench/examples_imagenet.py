@@ -27,9 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from cases import ImageCase
-from common import (BENCH, DEFAULT_RESULTS, child_env, drop_checkpoints, fmt_summary, fresh_dir, interleaved,
-                    machine_info, print_table, python_cmd, read_records, run_job, steady_counters, steady_cpu_rate,
-                    steady_rate, summary, write_json)
+import overhead
+from common import (BENCH, DEFAULT_RESULTS, fmt_summary, fresh_dir, machine_info, print_table, python_cmd, summary,
+                    write_json)
 from overhead import RUN_PROJECT
 
 RUN_PEER = BENCH / "run_examples_imagenet.py"
@@ -87,19 +87,8 @@ def sides(args, case: ImageCase) -> dict:
 
 
 def measure(case: ImageCase, commands: dict, reps: int, work: Path) -> dict[str, list[dict]]:
-    env = child_env(case.threads)
-
-    def run(command_for):
-        def one(run_dir: Path) -> dict:
-            run_job(command_for(run_dir), env, run_dir / "log.txt", 1800)
-            drop_checkpoints(run_dir)
-            records = read_records(run_dir / "metrics.jsonl")
-            return {"rate": steady_rate(records, case.warmup_windows),
-                    "cpu_rate": steady_cpu_rate(records, case.warmup_windows, case.log_every * case.batch),
-                    "process": steady_counters(records, case.warmup_windows)}
-        return one
-
-    return interleaved({name: run(command_for) for name, command_for in commands.items()}, reps, work, "img/s")
+    """overhead.py's interleaved runs, with the peer's longer runs allowed 30 minutes each."""
+    return overhead.measure(case, commands, reps, work, "cpu", timeout=1800, unit="img/s")
 
 
 def ratios(runs: dict[str, list[dict]], side: str, metric: str) -> dict | None:
